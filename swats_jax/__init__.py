@@ -1,0 +1,21 @@
+"""SWATS (switching from Adam to SGD) and AdaBound as Optax gradient transformations."""
+
+from swats_jax.adabound import AdaBoundState, adabound, scale_by_adabound
+from swats_jax.events import SwitchEvent, format_switch_table, num_switched, switch_events
+from swats_jax.swats import SwatsState, scale_by_swats, swats_global, swats_local
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaBoundState",
+    "SwatsState",
+    "SwitchEvent",
+    "adabound",
+    "format_switch_table",
+    "num_switched",
+    "scale_by_adabound",
+    "scale_by_swats",
+    "swats_global",
+    "swats_local",
+    "switch_events",
+]

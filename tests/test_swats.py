@@ -1,0 +1,281 @@
+"""SWATS against the independent NumPy float64 reference and the spec's facts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import run_optimizer
+from numpy_reference import reference_sgd_magnitudes, swats_reference
+from problems import make_problem
+
+import swats_jax
+
+NUM_STEPS = 60
+
+
+def _compare(ours, reference, state, leaf_count):
+    for step, (a, b) in enumerate(zip(ours, reference["params"])):
+        for leaf, (x, y) in enumerate(zip(a, b)):
+            np.testing.assert_allclose(
+                np.asarray(x),
+                y,
+                rtol=0,
+                atol=1e-10,
+                err_msg=f"step {step + 1}, leaf {leaf}",
+            )
+    events = swats_jax.switch_events(state)
+    assert [(int(e.path), e.step) for e in events] == [(i, k) for i, k, _ in reference["events"]]
+    np.testing.assert_allclose(
+        [e.lr for e in events], [r for _, _, r in reference["events"]], rtol=1e-12
+    )
+    np.testing.assert_allclose(jax.tree.leaves(state.lam), reference["lam"], rtol=1e-12, atol=0)
+    assert [bool(s) for s in jax.tree.leaves(state.switched)] == reference["switched"]
+    assert len(jax.tree.leaves(state.mu)) == leaf_count
+
+
+LOCAL_CASES = {
+    "default": {},
+    "nesterov": {"nesterov": True},
+    "amsgrad_weight_decay": {"amsgrad": True, "weight_decay": 0.05},
+    "schedules": {
+        "learning_rate": optax.piecewise_constant_schedule(1e-2, {20: 0.5}),
+        "sgd_scale": optax.piecewise_constant_schedule(1.0, {15: 0.1, 30: 0.1}),
+    },
+    "no_sign_check": {"require_positive": False, "switch_tol": 1e-4},
+}
+
+
+def _reference_kwargs(kwargs):
+    ref = dict(kwargs)
+    ref["lr"] = ref.pop("learning_rate", 1e-2)
+    scale = ref.get("sgd_scale")
+    if callable(scale):
+        ref["sgd_scale"] = lambda count: float(scale(count))
+    if callable(ref["lr"]):
+        lr = ref["lr"]
+        ref["lr"] = lambda count: float(lr(count))
+    return ref
+
+
+@pytest.mark.parametrize("case", sorted(LOCAL_CASES))
+def test_local_matches_numpy_reference(x64, case):
+    kwargs = LOCAL_CASES[case]
+    params, grad_fn = make_problem()
+    opt = swats_jax.swats_local(**{"learning_rate": 1e-2, **kwargs})
+    ours, state = run_optimizer(opt, [jnp.asarray(p) for p in params], grad_fn, NUM_STEPS)
+    ref = swats_reference(params, grad_fn, NUM_STEPS, mode="local", **_reference_kwargs(kwargs))
+    assert len({k for _, k, _ in ref["events"]}) >= 2, "the case must switch on several steps"
+    _compare(ours, ref, state, len(params))
+
+
+GLOBAL_CASES = {
+    "paper": {},
+    "reference": {"momentum": "reference"},
+    "reference_nesterov": {"momentum": "reference", "nesterov": True},
+    "paper_nesterov_amsgrad_wd": {
+        "nesterov": True,
+        "amsgrad": True,
+        "weight_decay": 0.02,
+    },
+    "sgd_scale_schedule": {"sgd_scale": optax.piecewise_constant_schedule(1.0, {10: 0.1})},
+}
+
+
+@pytest.mark.parametrize("case", sorted(GLOBAL_CASES))
+def test_global_matches_numpy_reference(x64, case):
+    kwargs = {"switch_rtol": 1e-3, **GLOBAL_CASES[case]}
+    params, grad_fn = make_problem()
+    opt = swats_jax.swats_global(**{"learning_rate": 1e-2, **kwargs})
+    ours, state = run_optimizer(opt, [jnp.asarray(p) for p in params], grad_fn, NUM_STEPS)
+    ref = swats_reference(params, grad_fn, NUM_STEPS, mode="global", **_reference_kwargs(kwargs))
+    assert len(ref["events"]) == 1 and ref["events"][0][1] < NUM_STEPS - 10
+    _compare(ours, ref, state, len(params))
+
+
+@pytest.mark.parametrize("momentum", ["paper", "reference"])
+def test_sgd_recursion_test_vectors(x64, momentum):
+    # eps = 0 and a constant unit gradient make gamma = Lam = lr exactly, so the leaf
+    # switches at k = 2 with rate 1 and the SGD updates are the spec's vectors.
+    opt = swats_jax.swats_global(learning_rate=1.0, eps=0.0, momentum=momentum)
+    params = jnp.zeros(1, jnp.float64)
+    state = opt.init(params)
+    magnitudes = []
+    for _ in range(6):
+        updates, state = opt.update(jnp.ones(1, jnp.float64), state)
+        magnitudes.append(float(-updates[0]))
+    assert swats_jax.switch_events(state)[0].step == 2
+    expected = {
+        "paper": [0.1, 0.19, 0.271, 0.3439],
+        "reference": [0.1, 0.19, 0.1171, 0.1105],
+    }
+    np.testing.assert_allclose(magnitudes[2:], reference_sgd_magnitudes(4, momentum), rtol=1e-12)
+    np.testing.assert_allclose(magnitudes[2:], expected[momentum], atol=5e-5)
+
+
+@pytest.mark.parametrize("factory", [swats_jax.swats_local, swats_jax.swats_global])
+def test_constant_gradient_switches_at_step_two(factory):
+    g = jnp.array([0.5, -2.0, 3.0, 0.1])
+    opt = factory(learning_rate=1e-3)
+    state = opt.init(jnp.zeros(4))
+    for _ in range(3):
+        _, state = opt.update(g, state)
+    (event,) = swats_jax.switch_events(state)
+    assert event.step == 2
+    np.testing.assert_allclose(event.lr, 1e-3 * 4 / float(jnp.abs(g).sum()), rtol=1e-4)
+
+
+def test_identical_leaves_switch_together():
+    # Spec section 5: leaves with identical gradients switch on the same step, same rate.
+    params, grad_fn = make_problem()
+
+    def twin_grads(count, current):
+        grads = grad_fn(count, current[:2] + current[3:])
+        return grads[:2] + [grads[1]] + grads[2:]
+
+    start = [jnp.asarray(p, jnp.float32) for p in params[:2] + [params[1]] + params[2:]]
+    _, state = run_optimizer(swats_jax.swats_local(learning_rate=1e-2), start, twin_grads, 30)
+    events = {e.path: e for e in swats_jax.switch_events(state)}
+    assert events["1"].step == events["2"].step > 2
+    assert events["1"].lr == events["2"].lr
+    assert events["0"].step != events["1"].step
+
+
+@pytest.mark.parametrize("factory", [swats_jax.swats_local, swats_jax.swats_global])
+def test_zero_gradient_leaf_never_switches_nor_nans(factory):
+    opt = factory(learning_rate=1e-2)
+    params = {"live": jnp.ones(3), "dead": jnp.ones(2)}
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for _ in range(30):
+        updates, state = update({"live": jnp.full(3, 0.3), "dead": jnp.zeros(2)}, state)
+        assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+    assert float(state.lam["dead"]) == 0.0
+    assert int(state.switch_step["dead"]) == -1
+    assert [e.path for e in swats_jax.switch_events(state)] == ["live"]
+    if factory is swats_jax.swats_local:
+        assert not bool(state.switched["dead"])
+        np.testing.assert_array_equal(updates["dead"], 0.0)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_nonfinite_gradient_does_not_poison_estimate(bad):
+    def lam_after(skip):
+        opt = swats_jax.swats_local(learning_rate=1e-2, switch_tol=0.0, skip_nonfinite=skip)
+        state = opt.init(jnp.ones(3))
+        for step in range(5):
+            g = jnp.array([0.3, bad, 0.1]) if step == 2 else jnp.array([0.3, 0.2, 0.1])
+            _, state = opt.update(g, state)
+        return float(state.lam)
+
+    assert np.isfinite(lam_after(True))
+    assert np.isnan(lam_after(False))
+
+
+@pytest.mark.parametrize("factory", [swats_jax.swats_local, swats_jax.swats_global])
+def test_zero_size_leaves(factory):
+    opt = factory()
+    params = {"empty": jnp.zeros((0, 3)), "w": jnp.ones(2)}
+    state = opt.init(params)
+    for _ in range(4):
+        updates, state = jax.jit(opt.update)({"empty": jnp.zeros((0, 3)), "w": jnp.ones(2)}, state)
+    assert updates["empty"].shape == (0, 3)
+    assert int(state.switch_step["empty"]) == -1
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state))
+
+
+def test_empty_tree():
+    opt = swats_jax.swats_global()
+    state = opt.init({})
+    updates, state = opt.update({}, state)
+    assert updates == {} and int(state.count) == 1
+
+
+@pytest.mark.parametrize("factory", [swats_jax.swats_local, swats_jax.swats_global])
+def test_first_step_never_switches(factory):
+    # At k = 1, Lam == gamma identically: even an infinite tolerance must not fire.
+    kwargs = {"switch_tol": np.inf} if factory is swats_jax.swats_local else {"switch_atol": np.inf}
+    opt = factory(**kwargs)
+    state = opt.init(jnp.ones(3))
+    _, state = opt.update(jnp.array([0.1, 0.2, 0.3]), state)
+    assert swats_jax.switch_events(state) == []
+    _, state = opt.update(jnp.array([0.1, 0.2, 0.3]), state)
+    assert [e.step for e in swats_jax.switch_events(state)] == [2]
+
+
+def test_require_positive_refuses_ascent_rate():
+    # The second gradient opposes the momentum, so gamma_2 < 0 and Lam_2 < 0.
+    def run(require_positive):
+        opt = swats_jax.swats_local(switch_tol=1e3, require_positive=require_positive)
+        state = opt.init(jnp.zeros(1))
+        for g in (1.0, -0.05):
+            _, state = opt.update(jnp.array([g]), state)
+        return state
+
+    assert not bool(run(True).switched)
+    ascent = run(False)
+    assert bool(ascent.switched) and float(ascent.sgd_lr) < 0
+
+
+def test_sgd_scale_multiplies_only_the_adopted_rate():
+    g = jnp.array([0.5])
+    half = swats_jax.swats_local(sgd_scale=optax.constant_schedule(0.5))
+    full = swats_jax.swats_local()
+    states = [half.init(jnp.zeros(1)), full.init(jnp.zeros(1))]
+    for step in range(4):
+        (u_half, states[0]), (u_full, states[1]) = (
+            half.update(g, states[0]),
+            full.update(g, states[1]),
+        )
+        ratio = 1.0 if step < 2 else 0.5  # Adam steps 1-2, SGD from step 3
+        np.testing.assert_allclose(u_half, ratio * u_full, rtol=1e-6)
+    assert swats_jax.switch_events(states[0])[0].lr == swats_jax.switch_events(states[1])[0].lr
+
+
+def test_state_keeps_two_buffers_and_stable_dtypes():
+    params = {"a": jnp.ones((4, 3)), "b": jnp.ones(5, jnp.bfloat16)}
+    opt = swats_jax.swats_local()
+    state = opt.init(params)
+    new_state = state
+    for _ in range(3):
+        _, new_state = jax.jit(opt.update)(jax.tree.map(jnp.ones_like, params), new_state)
+    assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype, new_state)
+    buffers = [x for x in jax.tree.leaves(state) if x.size > 1]
+    assert len(buffers) == 2 * len(params)
+    assert state.lam["b"].dtype == jnp.float32 and state.mu["b"].dtype == jnp.bfloat16
+
+
+def test_float64_end_to_end(x64):
+    opt = swats_jax.swats_global()
+    params = jnp.ones(3, jnp.float64)
+    state = opt.init(params)
+    updates, state = opt.update(jnp.ones(3, jnp.float64), state)
+    assert updates.dtype == jnp.float64 and state.lam.dtype == jnp.float64
+    assert state.sgd_lr.dtype == jnp.float64
+
+
+@pytest.mark.parametrize(
+    "factory, kwargs, name",
+    [
+        (swats_jax.swats_local, {"learning_rate": -1.0}, "learning_rate"),
+        (swats_jax.swats_local, {"b1": 1.0}, "b1"),
+        (swats_jax.swats_local, {"b2": -0.1}, "b2"),
+        (swats_jax.swats_local, {"switch_tol": -1e-5}, "switch_atol"),
+        (swats_jax.swats_local, {"sgd_scale": -1.0}, "sgd_scale"),
+        (swats_jax.swats_local, {"weight_decay": -1.0}, "weight_decay"),
+        (swats_jax.swats_local, {"eps": -1.0}, "eps"),
+        (swats_jax.swats_global, {"momentum": "heavy"}, "momentum"),
+        (swats_jax.swats_global, {"switch_rtol": -1.0}, "switch_rtol"),
+        (swats_jax.scale_by_swats, {"mode": "layer"}, "mode"),
+    ],
+)
+def test_invalid_hyperparameters(factory, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        factory(**kwargs)
+
+
+def test_weight_decay_needs_params():
+    opt = swats_jax.swats_local(weight_decay=1e-4)
+    state = opt.init(jnp.ones(2))
+    with pytest.raises(ValueError, match="weight_decay needs `params`"):
+        opt.update(jnp.ones(2), state)
