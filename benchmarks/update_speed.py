@@ -1,7 +1,13 @@
-"""Jitted optimizer-update time on a ResNet-18-shaped parameter tree, as ratios to optax.adam.
+"""Jitted optimizer-step time on a ResNet-18-shaped parameter tree, as ratios to optax.adam.
 
 Run: ``python benchmarks/update_speed.py [--repeats 50]``. Prints one table; every time in it
 comes from the same process, so the ratios compare like with like.
+
+Two timings per optimizer, for fixed gradients:
+
+- ``update``: ``jax.jit(opt.update)`` with the state donated; the updates are an output.
+- ``step``: the optimizer's part of a training step: one jitted call that computes the
+  updates and applies them, with the parameters and the state donated.
 """
 
 from __future__ import annotations
@@ -43,20 +49,36 @@ def resnet18_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def time_update(opt: optax.GradientTransformation, params, grads, repeats: int) -> float:
-    """Median seconds of one jitted update (state donated, as in a training step)."""
-    state = opt.init(params)
-    update = jax.jit(opt.update, donate_argnums=1)
+def _median_time(call, carry, repeats: int) -> float:
     for _ in range(3):  # compile and warm up
-        updates, state = update(grads, state, params)
-    jax.block_until_ready(updates)
+        carry = call(carry)
+    jax.block_until_ready(carry)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        updates, state = update(grads, state, params)
-        jax.block_until_ready((updates, state))
+        carry = jax.block_until_ready(call(carry))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_update(opt: optax.GradientTransformation, params, grads, repeats: int) -> float:
+    """Median seconds of ``jit(opt.update)`` with the state donated."""
+    update = jax.jit(opt.update, donate_argnums=1)
+    return _median_time(
+        lambda carry: update(grads, carry[1], params), (None, opt.init(params)), repeats
+    )
+
+
+def time_step(opt: optax.GradientTransformation, params, grads, repeats: int) -> float:
+    """Median seconds of one jitted update-and-apply, params and state donated."""
+
+    def step(carry):
+        params, state = carry
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params = jax.tree.map(jnp.copy, params)  # the caller's arrays are not donated
+    return _median_time(jax.jit(step, donate_argnums=0), (params, opt.init(params)), repeats)
 
 
 def main() -> None:
@@ -79,17 +101,27 @@ def main() -> None:
         "swats_global": swats_jax.swats_global(),
         "adabound": swats_jax.adabound(),
     }
-    times = {name: time_update(opt, params, grads, args.repeats) for name, opt in optimizers.items()}
+    times = {
+        name: (
+            time_update(opt, params, grads, args.repeats),
+            time_step(opt, params, grads, args.repeats),
+        )
+        for name, opt in optimizers.items()
+    }
     device = jax.devices()[0]
     print(
-        f"# update time, {len(shapes)} leaves, {size:,} float32 parameters; "
+        f"# optimizer time, {len(shapes)} leaves, {size:,} float32 parameters; "
         f"{device.platform}: {device.device_kind}; {platform.processor() or platform.machine()}; "
         f"jax {jax.__version__}, optax {optax.__version__}; median of {args.repeats}"
     )
-    print("| optimizer | ms / update | vs optax.adam |")
-    print("|---|---:|---:|")
-    for name, seconds in times.items():
-        print(f"| {name} | {1e3 * seconds:.2f} | {seconds / times['optax.adam']:.2f}x |")
+    adam_update, adam_step = times["optax.adam"]
+    print("| optimizer | update ms | update vs adam | step ms | step vs adam |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (update, step) in times.items():
+        print(
+            f"| {name} | {1e3 * update:.2f} | {update / adam_update:.2f}x "
+            f"| {1e3 * step:.2f} | {step / adam_step:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

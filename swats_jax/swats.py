@@ -257,20 +257,43 @@ def scale_by_swats(
         k = (count + 1).astype(acc)
         bc1, bc2 = 1 - c1**k, 1 - c2**k
 
-        # Adam phase (spec section 1).
+        # Adam phase (spec section 1): the moments.
         m_adam = c1 * ma + (1 - c1) * ga
         v_adam = c2 * va + (1 - c2) * ga * ga
-        v_denominator = v_adam
+
+        # SGD phase (spec section 3): the momentum buffer, from zero on the first SGD step.
+        buffer = c1 * jnp.where(first_sgd_step, 0, ma) + ga
+        if momentum == "reference":
+            # The reference stores the scaled step in the buffer, except on the first SGD
+            # step, where it stores a fresh copy of the gradient.
+            stored = (1 - c1) * (1 + c1) * buffer if nesterov else (1 - c1) * buffer
+            buffer = jnp.where(first_sgd_step, buffer, stored)
+
+        # The new state of the leaf. The update below reads only these and the gradient,
+        # so that the old moments can be overwritten in place (no copies under donation).
+        new_m = jnp.where(switched, buffer, m_adam)
+        new_v = jnp.where(switched, va, v_adam)
+        v_denominator = new_v
         new_vmax = None
         if amsgrad:
-            new_vmax = jnp.maximum(vmax.astype(acc), v_adam)
+            new_vmax = jnp.where(switched, vmax, jnp.maximum(vmax.astype(acc), v_adam))
             v_denominator = new_vmax
-        step_size = jnp.asarray(lr, acc) * jnp.sqrt(bc2) / bc1
-        p = -step_size * m_adam / (jnp.sqrt(v_denominator) + eps)
 
-        # Projection and switch test (spec section 2).
-        pg = jnp.sum(p * ga, dtype=acc)
-        pp = jnp.sum(p * p, dtype=acc)
+        step_size = jnp.asarray(lr, acc) * jnp.sqrt(bc2) / bc1
+        p = -step_size * new_m / (jnp.sqrt(v_denominator) + eps)
+        sgd_rate = rate * jnp.asarray(scale, acc)
+        if momentum == "paper":
+            sgd_update = -sgd_rate * (1 - c1) * (ga + c1 * new_m if nesterov else new_m)
+        elif nesterov:
+            sgd_update = -sgd_rate * new_m
+        else:
+            sgd_update = -sgd_rate * jnp.where(first_sgd_step, (1 - c1) * new_m, new_m)
+        update = jnp.where(switched, sgd_update, p)
+
+        # Projection and switch test (spec section 2). In the Adam phase `update` is p;
+        # after the switch the sums are ignored.
+        pg = jnp.sum(update * ga, dtype=acc)
+        pp = jnp.sum(update * update, dtype=acc)
         gamma = pp / -pg
         valid = (pg != 0) & ~switched
         if skip_nonfinite:
@@ -284,28 +307,10 @@ def scale_by_swats(
         if require_positive:
             passed &= estimate > 0
 
-        # SGD phase (spec section 3); the buffer starts from zero on the first SGD step.
-        buffer = c1 * jnp.where(first_sgd_step, 0, ma) + ga
-        sgd_rate = rate * jnp.asarray(scale, acc)
-        if momentum == "paper":
-            direction = ga + c1 * buffer if nesterov else buffer
-            sgd_update = -sgd_rate * (1 - c1) * direction
-            new_buffer = buffer
-        else:
-            # The reference stores the scaled step in the buffer, except on the
-            # first SGD step, where it stores a fresh copy of the gradient.
-            stored = (1 - c1) * (1 + c1) * buffer if nesterov else (1 - c1) * buffer
-            new_buffer = jnp.where(first_sgd_step, buffer, stored)
-            if nesterov:
-                sgd_update = -sgd_rate * jnp.where(first_sgd_step, buffer, stored)
-            else:
-                sgd_update = -sgd_rate * (1 - c1) * buffer
-
-        update = jnp.where(switched, sgd_update, p).astype(g.dtype)
-        new_m = jnp.where(switched, new_buffer, m_adam).astype(m.dtype)
-        new_v = jnp.where(switched, va, v_adam).astype(v.dtype)
+        update = update.astype(g.dtype)
+        new_m, new_v = new_m.astype(m.dtype), new_v.astype(v.dtype)
         if amsgrad:
-            new_vmax = jnp.where(switched, vmax.astype(acc), new_vmax).astype(vmax.dtype)
+            new_vmax = new_vmax.astype(vmax.dtype)
         return update, new_m, new_v, new_vmax, new_lam, passed, estimate
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
