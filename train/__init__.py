@@ -1,0 +1,1 @@
+"""CIFAR-10 training with SWATS: models, data and the Flax NNX trainer."""
