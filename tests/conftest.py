@@ -1,10 +1,16 @@
 """Shared test configuration: strict JAX numerics and small helpers."""
 
+import tempfile
+
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Trainer tests build the same tiny programs in several runs (e.g. a run and its resumed
+# twin): a compilation cache for the session compiles each of them once.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="swats-jax-xla-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 @pytest.fixture

@@ -66,7 +66,16 @@ def _conv(
 
 
 def _batch_norm(num_features: int, *, dtype: DTypeLike, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+    # Two-pass variance, as PyTorch computes it: E[x^2] - E[x]^2 cancels catastrophically
+    # in float32 when a channel's mean is large next to its spread.
+    return nnx.BatchNorm(
+        num_features,
+        momentum=0.9,
+        epsilon=1e-5,
+        use_fast_variance=False,
+        dtype=dtype,
+        rngs=rngs,
+    )
 
 
 def _linear(in_features: int, out_features: int, *, dtype: DTypeLike, rngs: nnx.Rngs) -> nnx.Linear:

@@ -1,0 +1,201 @@
+"""Per-epoch checkpoints of a training state with Orbax, with fallback past corrupt ones.
+
+A state is any pytree of arrays: nested dicts (``flax.nnx.to_pure_dict`` output, int keys
+included), tuples and NamedTuples such as optax's and ``swats_jax.SwatsState`` (``None``
+fields included). Orbax stores NamedTuples as dicts and int keys as strings, so restoring
+needs a ``target`` of the same structure, which gives back the exact types.
+
+Before restoring, each checkpoint's metadata (leaf paths, shapes and dtypes) is compared
+with the target: Orbax would otherwise silently cast dtypes and drop leaves that the
+checkpoint lacks. A checkpoint that cannot be read or does not match is reported and
+skipped for the one before it; if none can be restored, :class:`CheckpointError` says why
+rather than letting the run start over and overwrite the user's progress.
+
+Example::
+
+    with Checkpointer(workdir / "checkpoints") as checkpointer:
+        restored = checkpointer.restore_latest(state)
+        start_epoch, state = restored if restored is not None else (0, state)
+        for epoch in range(start_epoch + 1, num_epochs + 1):
+            state = train_one_epoch(state)
+            checkpointer.save(epoch, state)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+# Orbax's name for the only item of a single-item CheckpointManager.
+_ITEM_NAME = "default"
+# Orbax and TensorStore errors embed whole JSON specs; the first line says what went wrong.
+_MAX_ERROR_CHARS = 300
+_MAX_LISTED_PATHS = 5
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory holds checkpoints but none can be restored into the target."""
+
+
+class Checkpointer:
+    """Saves one checkpoint per epoch under ``directory``, keeping the ``keep`` latest.
+
+    Saving is blocking: the checkpoint is complete on disk when :meth:`save` returns
+    (Orbax writes it to a temporary directory and renames it, so a crash mid-save leaves
+    no partial checkpoint behind). Use as a context manager, or call :meth:`close`.
+
+    Args:
+      directory: folder of the checkpoints, one subfolder per epoch; created if missing.
+      keep: number of most recent checkpoints to keep (at least 1).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.directory = Path(directory).absolute()
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        # Registered up front so that a fresh manager can read the metadata of existing
+        # checkpoints before any save or restore has told it the handler.
+        registry.add(_ITEM_NAME, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+        registry.add(_ITEM_NAME, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, handler_registry=registry
+        )
+
+    def save(self, epoch: int, state: Any) -> None:
+        """Saves ``state`` as the checkpoint of ``epoch``; blocks until it is on disk.
+
+        Checkpoints of ``epoch`` or later already in the directory are deleted first: they
+        belong to a history this run abandoned, such as a corrupt checkpoint that
+        :meth:`restore_latest` skipped. Orbax would otherwise skip the save (it only saves
+        epochs past its latest), and the stale checkpoint would shadow the new one on resume.
+        """
+        stale = [step for step in self._manager.all_steps() if step >= epoch]
+        if stale:
+            logger.warning(
+                "Replacing checkpoints of epochs %s in %s with the new one of epoch %d.",
+                stale,
+                self.directory,
+                epoch,
+            )
+            for step in stale:
+                self._manager.delete(step)
+        if not self._manager.save(epoch, args=ocp.args.StandardSave(state), force=True):
+            raise CheckpointError(f"Orbax did not save epoch {epoch} in {self.directory}.")
+
+    def latest_epoch(self) -> int | None:
+        """Returns the latest saved epoch (whether or not it can be restored), or None."""
+        return self._manager.latest_step()
+
+    def restore_latest(self, target: Any) -> tuple[int, Any] | None:
+        """Restores the latest checkpoint that can be restored into ``target``.
+
+        Args:
+          target: a pytree with the structure, shapes and dtypes of the saved state, of
+            arrays or ``jax.ShapeDtypeStruct``s.
+
+        Returns:
+          ``(epoch, state)``, ``state`` having exactly the structure of ``target``; None
+          when the directory holds no checkpoint.
+
+        Raises:
+          CheckpointError: there are checkpoints but none can be restored, because they
+            are corrupt or do not match ``target`` (say, another model or optimizer).
+        """
+        failures = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            step_directory = self.directory / str(step)
+            try:
+                return step, self._restore(step, target)
+            except Exception as error:  # Orbax and TensorStore raise many kinds.
+                message = _describe(error)
+                failures.append(f"{step_directory}: {message}")
+                logger.warning(
+                    "Skipping checkpoint %s, which cannot be restored: %s",
+                    step_directory,
+                    message,
+                )
+        if failures:
+            raise CheckpointError(
+                f"No checkpoint in {self.directory} can be restored; move the directory away "
+                "to start over. Failures:\n  " + "\n  ".join(failures)
+            )
+        return None
+
+    def close(self) -> None:
+        """Waits for pending operations and releases Orbax's resources."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _restore(self, step: int, target: Any) -> Any:
+        metadata = self._manager.item_metadata(step)
+        if metadata is None:
+            raise CheckpointError("its metadata is missing")
+        mismatch = _describe_mismatch(_leaf_specs(metadata.tree), _leaf_specs(target))
+        if mismatch:
+            raise CheckpointError(f"it does not match the target: {mismatch}")
+        return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Maps the readable path of each leaf (``opt/0/mu/conv/kernel``) to its shape and dtype."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): (
+            tuple(leaf.shape),
+            np.dtype(leaf.dtype),
+        )
+        for path, leaf in leaves
+    }
+
+
+def _describe_mismatch(saved: dict, target: dict) -> str:
+    """Says how the saved leaves differ from the target's; empty when they agree."""
+    problems = []
+    missing = sorted(target.keys() - saved.keys())
+    if missing:
+        problems.append(f"{len(missing)} target leaves not in the checkpoint {_some(missing)}")
+    extra = sorted(saved.keys() - target.keys())
+    if extra:
+        problems.append(f"{len(extra)} checkpoint leaves not in the target {_some(extra)}")
+    differing = [
+        f"{path} is {_spec(saved[path])} in the checkpoint, {_spec(target[path])} in the target"
+        for path in sorted(saved.keys() & target.keys())
+        if saved[path] != target[path]
+    ]
+    if differing:
+        problems.append(f"{len(differing)} leaves differ {_some(differing)}")
+    return "; ".join(problems)
+
+
+def _some(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED_PATHS])
+    return f"({shown}, ...)" if len(items) > _MAX_LISTED_PATHS else f"({shown})"
+
+
+def _spec(spec: tuple[tuple[int, ...], np.dtype]) -> str:
+    shape, dtype = spec
+    return f"{dtype.name}{list(shape)}"
+
+
+def _describe(error: Exception) -> str:
+    """One line about ``error``: ours in full, Orbax's cut to its first line."""
+    if isinstance(error, CheckpointError):
+        return str(error)
+    lines = str(error).strip().splitlines() or [""]
+    text = lines[0] if len(lines[0]) <= _MAX_ERROR_CHARS else lines[0][:_MAX_ERROR_CHARS] + "..."
+    return f"{type(error).__name__}: {text}"

@@ -1,0 +1,395 @@
+"""The CIFAR-10 training loop: ``train_and_evaluate(config, workdir)``.
+
+The whole dataset lives on the device(s). Each epoch is a shuffled permutation of it;
+the training steps of a chunk run inside one jitted ``lax.scan`` (augmentation
+included), so the host dispatches a chunk and fetches the metrics once per epoch.
+With several local devices the batch is sharded over them (data parallel) and
+parameters and optimizer state are replicated; for several hosts, call
+``jax.distributed.initialize()`` first (each host then needs the whole dataset).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import swats_jax
+from train import data as data_lib
+from train import models
+from train.checkpoint import Checkpointer
+from train.config import Config, make_optimizer
+
+log = logging.getLogger(__name__)
+
+METRICS_FIELDS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "learning_rate",
+    "sgd_scale",
+    "num_switched",
+    "epoch_time_s",
+    "images_per_s",
+    "complete",
+)
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run made with a different configuration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """A model split into its static graph and its parameter / batch-statistic templates."""
+
+    graphdef: Any
+    param_template: Any
+    stats_template: Any
+
+    def merge(self, params, stats):
+        param_state = jax.tree.map(lambda x: x, self.param_template)
+        stats_state = jax.tree.map(lambda x: x, self.stats_template)
+        nnx.replace_by_pure_dict(param_state, params)
+        nnx.replace_by_pure_dict(stats_state, stats)
+        return nnx.merge(self.graphdef, param_state, stats_state)
+
+
+def _init_model(config: Config, num_classes: int) -> tuple[_Model, dict, dict]:
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    # The rbg PRNG compiles one initialiser per shape much faster than threefry on CPU.
+    rngs = nnx.Rngs(jax.random.key(config.seed, impl="rbg"))
+    model = models.create_model(
+        config.model, num_classes=num_classes, width=config.width, dtype=dtype, rngs=rngs
+    )
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    template = _Model(graphdef, params, stats)
+    return template, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+def _make_steps(model: _Model, optimizer: optax.GradientTransformation, batch_sharding):
+    """The jitted functions of the loop: a chunk of training steps and the evaluation."""
+
+    def loss_fn(params, stats, images, labels):
+        net = model.merge(params, stats)
+        net.train()
+        logits = net(images)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        new_stats = nnx.to_pure_dict(nnx.state(net, nnx.BatchStat))
+        return loss, (logits, new_stats)
+
+    def train_step(carry, step_input, dataset, aug_key):
+        params, stats, opt_state, totals = carry
+        indices, step = step_input
+        images = jax.lax.with_sharding_constraint(dataset["images"][indices], batch_sharding)
+        labels = jax.lax.with_sharding_constraint(dataset["labels"][indices], batch_sharding)
+        images = data_lib.augment(jax.random.fold_in(aug_key, step), images)
+        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, stats, images, labels
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        count = labels.shape[0]
+        totals = totals + jnp.stack([loss * count, correct, count]).astype(jnp.float32)
+        return (params, stats, opt_state, totals), None
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_chunk(carry, indices, steps, dataset, aug_key):
+        """Runs ``len(steps)`` training steps; ``indices`` is [steps, batch]."""
+        step = functools.partial(train_step, dataset=dataset, aug_key=aug_key)
+        carry, _ = jax.lax.scan(step, carry, (indices, steps))
+        return carry
+
+    @jax.jit
+    def evaluate(params, stats, images, labels, mask):
+        """Sums of loss and correct predictions over [batches, batch] arrays (masked)."""
+        net = model.merge(params, stats)
+        net.eval()
+
+        def body(totals, batch):
+            x, y, m = batch
+            x = jax.lax.with_sharding_constraint(x, batch_sharding)
+            logits = net(data_lib.preprocess_eval(x))
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            correct = jnp.argmax(logits, -1) == y
+            return totals + jnp.stack([jnp.sum(loss * m), jnp.sum(correct * m)]), None
+
+        totals, _ = jax.lax.scan(body, jnp.zeros(2, jnp.float32), (images, labels, mask))
+        return totals
+
+    return train_chunk, evaluate
+
+
+def _eval_batches(images: np.ndarray, labels: np.ndarray, batch: int, multiple: int):
+    """Pads the test set to whole batches (a multiple of the device count) with a mask."""
+    batch = max(multiple, batch - batch % multiple)
+    num = len(labels)
+    batches = math.ceil(num / batch)
+    pad = batches * batch - num
+    mask = np.concatenate([np.ones(num, np.float32), np.zeros(pad, np.float32)])
+    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+    shape = (batches, batch)
+    return images.reshape(*shape, *images.shape[1:]), labels.reshape(shape), mask.reshape(shape)
+
+
+class _MetricsLog:
+    """``metrics.jsonl`` (appended per epoch) and ``metrics.csv`` (rewritten from it)."""
+
+    def __init__(self, workdir: Path):
+        self.jsonl = workdir / "metrics.jsonl"
+        self.csv = workdir / "metrics.csv"
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.jsonl.exists():
+            return []
+        records = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: ignoring a truncated line", self.jsonl)
+        return records
+
+    def keep_epochs_up_to(self, epoch: int) -> None:
+        """Drops records past ``epoch`` (after resuming from its checkpoint)."""
+        self._write([r for r in self.records() if r["epoch"] <= epoch and r["complete"]])
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._write([*self.records(), record])
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.jsonl.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.jsonl)
+        with self.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
+            writer.writeheader()
+            writer.writerows(records)
+
+
+def _write_switch_table(workdir: Path, opt_state: Any) -> None:
+    events = swats_jax.switch_events(opt_state)
+    (workdir / "switches.md").write_text(swats_jax.format_switch_table(events))
+    (workdir / "switches.csv").write_text(swats_jax.format_switch_table(events, "csv"))
+
+
+def _check_config(workdir: Path, config: Config) -> None:
+    """Refuses to resume a run made with a different configuration."""
+    path = workdir / "config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        ignored = {"epochs", "max_steps", "num_devices", "chunk_steps", "cache_dir"}
+        current = config.to_json()
+        saved.pop("workdir", None)
+        diff = {
+            k: (saved.get(k), current[k])
+            for k in current
+            if k not in ignored and json.loads(json.dumps(current[k])) != saved.get(k)
+        }
+        if diff:
+            changes = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+            raise ConfigMismatchError(
+                f"{workdir} holds a run with a different configuration ({changes}); "
+                "use another --workdir"
+            )
+
+
+def _write_config(workdir: Path, config: Config) -> None:
+    path = workdir / "config.json"
+    path.write_text(json.dumps({**config.to_json(), "workdir": str(workdir)}, indent=2) + "\n")
+
+
+def _progress(total: int, epoch: int):
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=False)
+
+
+def train_and_evaluate(
+    config: Config, workdir: str | os.PathLike[str], dataset: data_lib.Dataset | None = None
+) -> list[dict[str, Any]]:
+    """Trains and evaluates ``config`` in ``workdir``, resuming from its last checkpoint.
+
+    Writes ``config.json``, ``metrics.jsonl`` / ``metrics.csv`` (one record per epoch),
+    ``switches.md`` / ``switches.csv`` (SWATS runs), ``test_accuracy.png`` and
+    ``checkpoints/`` (one per epoch, the last ``keep_checkpoints`` kept).
+
+    Args:
+      config: the run's configuration.
+      workdir: output folder; created if needed.
+      dataset: already loaded data (otherwise ``config.data`` is loaded).
+
+    Returns:
+      The metrics records of all epochs so far.
+
+    Raises:
+      train.data.DatasetError: the dataset cannot be loaded.
+      ConfigMismatchError: ``workdir`` holds a run with another configuration.
+      train.checkpoint.CheckpointError: checkpoints exist but none can be restored.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_config(workdir, config)
+    if dataset is None:
+        dataset = data_lib.load_cifar10(
+            config.data,
+            cache_dir=config.cache_dir,
+            synthetic_size=config.synthetic_size,
+            seed=config.seed,
+        )
+    _write_config(workdir, config)  # only once the data loaded: a typo must not pin the run
+
+    devices = jax.local_devices()[: config.num_devices]
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    if config.batch_size % len(devices):
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by the {len(devices)} devices"
+        )
+
+    num_train = len(dataset.train_labels)
+    full_batches, remainder = divmod(num_train, config.batch_size)
+    if remainder % len(devices):
+        log.warning("dropping the last partial batch (%d images) of every epoch", remainder)
+        remainder = 0
+    steps_per_epoch = full_batches + (1 if remainder else 0)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_train} training images are fewer than one batch")
+
+    model, params, stats = _init_model(config, dataset.num_classes)
+    setup = make_optimizer(config, steps_per_epoch)
+    opt_state = setup.optimizer.init(params)
+    train_chunk, evaluate = _make_steps(model, setup.optimizer, batch_sharding)
+
+    put = functools.partial(jax.device_put, device=replicated)
+    train_data = put({"images": dataset.train_images, "labels": dataset.train_labels})
+    eval_data = put(
+        _eval_batches(
+            dataset.test_images, dataset.test_labels, config.eval_batch_size, len(devices)
+        )
+    )
+    shuffle_key, aug_key = jax.random.split(jax.random.key(config.seed + 1))
+
+    state = {"params": params, "batch_stats": stats, "opt_state": opt_state}
+    metrics = _MetricsLog(workdir)
+    start_epoch = 0
+    with Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints) as checkpointer:
+        restored = checkpointer.restore_latest(state)
+        if restored is not None:
+            start_epoch, state = restored
+            log.info("resumed from the checkpoint of epoch %d in %s", start_epoch, workdir)
+        metrics.keep_epochs_up_to(start_epoch)
+        state = put(state)
+        carry = (state["params"], state["batch_stats"], state["opt_state"])
+        step = start_epoch * steps_per_epoch
+
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            if config.max_steps is not None and step >= config.max_steps:
+                break
+            epoch_steps = steps_per_epoch
+            if config.max_steps is not None:
+                epoch_steps = min(epoch_steps, config.max_steps - step)
+            start_time = time.perf_counter()
+            permutation = np.asarray(
+                jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), num_train)
+            )
+            # Loss, correct and image counts of the epoch; a fresh buffer, as chunks donate it.
+            carry = carry[:3] + (put(np.zeros(3, np.float32)),)
+            bar = _progress(epoch_steps, epoch)
+            done = 0
+            while done < epoch_steps:
+                # Full batches go through chunks of `chunk_steps`; the partial batch alone.
+                if done < full_batches:
+                    size = min(config.chunk_steps, full_batches - done, epoch_steps - done)
+                    idx = permutation[done * config.batch_size : (done + size) * config.batch_size]
+                    idx = idx.reshape(size, config.batch_size)
+                else:
+                    size = 1
+                    idx = permutation[full_batches * config.batch_size :][:remainder][None]
+                steps = np.arange(step + done, step + done + size, dtype=np.int32)
+                carry = train_chunk(carry, put(idx), put(steps), train_data, aug_key)
+                done += size
+                if bar is not None:
+                    bar.update(size)
+            step += epoch_steps
+            params, stats, opt_state, train_totals = carry
+            train_loss, train_correct, train_count = np.asarray(train_totals)
+            train_time = time.perf_counter() - start_time
+            if bar is not None:
+                bar.close()
+            test_loss, test_correct = np.asarray(evaluate(params, stats, *eval_data))
+            num_test = len(dataset.test_labels)
+            complete = epoch_steps == steps_per_epoch
+            record = {
+                "epoch": epoch,
+                "step": step,
+                "train_loss": float(train_loss / train_count),
+                "train_accuracy": float(train_correct / train_count),
+                "test_loss": float(test_loss / num_test),
+                "test_accuracy": float(test_correct / num_test),
+                "learning_rate": _rounded(setup.learning_rate(step - 1)),
+                "sgd_scale": _rounded(setup.sgd_scale(step - 1)),
+                "num_switched": swats_jax.num_switched(opt_state),
+                "epoch_time_s": round(train_time, 3),
+                "images_per_s": round(float(train_count) / train_time, 1),
+                "complete": complete,
+            }
+            metrics.append(record)
+            if config.opt.startswith("swats"):
+                _write_switch_table(workdir, opt_state)
+            if complete:
+                checkpointer.save(
+                    epoch, {"params": params, "batch_stats": stats, "opt_state": opt_state}
+                )
+            log.info(
+                "epoch %d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %.0f images/s",
+                epoch,
+                record["train_loss"],
+                record["train_accuracy"],
+                record["test_loss"],
+                record["test_accuracy"],
+                record["images_per_s"],
+            )
+    records = metrics.records()
+    _plot(workdir)
+    return records
+
+
+def _rounded(value: Any) -> float:
+    """A float32 schedule value as the decimal it stands for (1e-3, not 0.0010000000474974513)."""
+    return float(f"{float(value):.7g}")
+
+
+def _plot(workdir: Path) -> None:
+    from train import plots
+
+    try:
+        plots.plot_runs([workdir], workdir / "test_accuracy.png")
+    except (ValueError, OSError) as err:  # a plot is a convenience: never lose a run to it
+        log.warning("could not plot %s: %s", workdir, err)
