@@ -184,9 +184,7 @@ def swats_reference(
                 if mode == "local":
                     passes = diff < switch_tol and (lam_hat > 0 or not require_positive)
                 else:
-                    passes = (
-                        diff <= switch_atol + switch_rtol * abs(gamma) and lam_hat > 0
-                    )
+                    passes = diff <= switch_atol + switch_rtol * abs(gamma) and lam_hat > 0
             if k > 1 and passes:
                 triggered.append((i, float(lam_hat)))
 

@@ -241,7 +241,7 @@ def test_sharded_run_equals_single_device_run(tmp_path):
             moves.append(jax.tree.map(lambda a, b: np.asarray(a) - b, state["params"], initial))
             assert max(np.abs(m).max() for m in jax.tree.leaves(moves[-1])) > 1e-4
         for a, b in zip(*map(jax.tree.leaves, moves)):
-            assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max(), (np.abs(a - b).max(), np.abs(a).max())
+            assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max(), np.abs(a - b).max()
         print("OK")
         """
     )
