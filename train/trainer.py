@@ -117,25 +117,28 @@ def _make_steps(model: _Model, optimizer: optax.GradientTransformation, batch_sh
     def train_chunk(carry, indices, steps, dataset, aug_key):
         """Runs ``len(steps)`` training steps; ``indices`` is [steps, batch]."""
         step = functools.partial(train_step, dataset=dataset, aug_key=aug_key)
+        if len(steps) == 1:  # no loop: XLA:CPU runs convolutions in loops far slower
+            carry, _ = step(carry, (indices[0], steps[0]))
+            return carry
         carry, _ = jax.lax.scan(step, carry, (indices, steps))
         return carry
 
     @jax.jit
-    def evaluate(params, stats, images, labels, mask):
-        """Sums of loss and correct predictions over [batches, batch] arrays (masked)."""
+    def evaluate_batch(params, stats, images, labels, mask):
+        """Sums of loss and correct predictions over one (masked) test batch."""
         net = model.merge(params, stats)
         net.eval()
+        images = jax.lax.with_sharding_constraint(images, batch_sharding)
+        logits = net(data_lib.preprocess_eval(images))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        correct = jnp.argmax(logits, -1) == labels
+        return jnp.stack([jnp.sum(loss * mask), jnp.sum(correct * mask)])
 
-        def body(totals, batch):
-            x, y, m = batch
-            x = jax.lax.with_sharding_constraint(x, batch_sharding)
-            logits = net(data_lib.preprocess_eval(x))
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-            correct = jnp.argmax(logits, -1) == y
-            return totals + jnp.stack([jnp.sum(loss * m), jnp.sum(correct * m)]), None
-
-        totals, _ = jax.lax.scan(body, jnp.zeros(2, jnp.float32), (images, labels, mask))
-        return totals
+    def evaluate(params, stats, images, labels, mask):
+        """Sums over [batches, batch] arrays: one dispatch per batch, one fetch at the end
+        (a ``lax.scan`` here would hit XLA:CPU's slow convolutions inside loops)."""
+        totals = [evaluate_batch(params, stats, *batch) for batch in zip(images, labels, mask)]
+        return jnp.sum(jnp.stack(totals), axis=0)
 
     return train_chunk, evaluate
 
@@ -273,6 +276,7 @@ def train_and_evaluate(
             f"batch_size {config.batch_size} is not divisible by the {len(devices)} devices"
         )
 
+    chunk_steps = config.chunk_steps or (1 if devices[0].platform == "cpu" else 100)
     num_train = len(dataset.train_labels)
     full_batches, remainder = divmod(num_train, config.batch_size)
     if remainder % len(devices):
@@ -326,7 +330,7 @@ def train_and_evaluate(
             while done < epoch_steps:
                 # Full batches go through chunks of `chunk_steps`; the partial batch alone.
                 if done < full_batches:
-                    size = min(config.chunk_steps, full_batches - done, epoch_steps - done)
+                    size = min(chunk_steps, full_batches - done, epoch_steps - done)
                     idx = permutation[done * config.batch_size : (done + size) * config.batch_size]
                     idx = idx.reshape(size, config.batch_size)
                 else:
