@@ -87,13 +87,6 @@ class Config:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_json(cls, values: dict[str, Any]) -> Config:
-        values = dict(values)
-        if "synthetic_size" in values:
-            values["synthetic_size"] = tuple(values["synthetic_size"])
-        return cls(**values)
-
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSetup:

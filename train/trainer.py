@@ -1,8 +1,9 @@
 """The CIFAR-10 training loop: ``train_and_evaluate(config, workdir)``.
 
 The whole dataset lives on the device(s). Each epoch is a shuffled permutation of it;
-the training steps of a chunk run inside one jitted ``lax.scan`` (augmentation
-included), so the host dispatches a chunk and fetches the metrics once per epoch.
+on accelerators the training steps of a chunk run inside one jitted ``lax.scan``
+(augmentation included), on CPU one jitted step per dispatch (XLA:CPU runs convolutions
+inside loops far slower); either way the metrics are fetched once per epoch.
 With several local devices the batch is sharded over them (data parallel) and
 parameters and optimizer state are replicated; for several hosts, call
 ``jax.distributed.initialize()`` first (each host then needs the whole dataset).
