@@ -282,14 +282,26 @@ def test_cifar10_name_rejects_a_bad_download(http_server, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == [folder]
 
 
-def test_cifar10_name_uses_tfds_when_installed(tmp_path):
+def test_cifar10_name_uses_tfds_when_installed(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow")
     tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "TFDS_BATCH_SIZE", 4)  # 6 examples: two batches to join
     with tfds.testing.mock_data(num_examples=6):
         dataset = data.load_cifar10("cifar10", cache_dir=tmp_path)
+        expected = {
+            split: list(tfds.as_numpy(tfds.load("cifar10", split=split, data_dir=tmp_path)))
+            for split in ("train", "test")
+        }
+        names = tfds.builder("cifar10", data_dir=tmp_path).info.features["label"].names
     assert dataset.train_images.shape == (6, 32, 32, 3)
     assert dataset.train_images.dtype == np.uint8 and dataset.train_labels.dtype == np.int32
-    assert dataset.class_names == data.CIFAR10_CLASSES
+    for split, images, labels in [
+        ("train", dataset.train_images, dataset.train_labels),
+        ("test", dataset.test_images, dataset.test_labels),
+    ]:
+        np.testing.assert_array_equal(images, np.stack([e["image"] for e in expected[split]]))
+        np.testing.assert_array_equal(labels, [e["label"] for e in expected[split]])
+    assert dataset.class_names == tuple(names) and len(names) == 10
 
 
 # --- synthetic ------------------------------------------------------------------------

@@ -248,29 +248,43 @@ def _synthetic(num_train: int, num_test: int, *, seed: int) -> Dataset:
 
 
 def _import_tfds() -> Any:
-    """Returns ``tensorflow_datasets`` if it and TensorFlow (needed to prepare cifar10) import."""
+    """Returns ``tensorflow_datasets`` if it and TensorFlow (needed to prepare cifar10) import.
+
+    TensorFlow is kept off the GPUs: it would otherwise reserve most of their memory, which
+    JAX needs.
+    """
     try:
-        import tensorflow  # noqa: F401
+        import tensorflow
         import tensorflow_datasets
     except ImportError:
         return None
+    try:
+        tensorflow.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already initialised its devices; nothing more to do
+        pass
     return tensorflow_datasets
 
 
+# Read in batches of this size rather than with batch_size=-1, which needs the split sizes
+# from the dataset's metadata (mock and custom builds may lack them).
+TFDS_BATCH_SIZE = 10_000
+
+
 def _load_tfds(tfds: Any, data_dir: str | None) -> Dataset:
-    (train, test), info = tfds.load(
-        "cifar10", split=["train", "test"], batch_size=-1, with_info=True, data_dir=data_dir
+    splits, info = tfds.load(
+        "cifar10",
+        split=["train", "test"],
+        batch_size=TFDS_BATCH_SIZE,
+        with_info=True,
+        data_dir=data_dir,
     )
-    train, test = tfds.as_numpy(train), tfds.as_numpy(test)
+    arrays = []
+    for split in splits:
+        batches = list(tfds.as_numpy(split))
+        arrays.append(np.concatenate([batch["image"] for batch in batches]).astype(np.uint8))
+        arrays.append(np.concatenate([batch["label"] for batch in batches]).astype(np.int32))
     return _checked(
-        Dataset(
-            np.asarray(train["image"], np.uint8),
-            np.asarray(train["label"], np.int32),
-            np.asarray(test["image"], np.uint8),
-            np.asarray(test["label"], np.int32),
-            tuple(info.features["label"].names),
-        ),
-        "tensorflow_datasets cifar10",
+        Dataset(*arrays, tuple(info.features["label"].names)), "tensorflow_datasets cifar10"
     )
 
 
