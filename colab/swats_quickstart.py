@@ -57,6 +57,7 @@ if importlib.util.find_spec("swats_jax") is None:
         ],
         check=True,
     )
+    importlib.invalidate_caches()  # so that this kernel finds the new packages
 
 # %%
 import jax

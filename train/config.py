@@ -51,7 +51,7 @@ class Config:
       eval_batch_size: test-set batch size.
       chunk_steps: training steps per compiled ``lax.scan`` chunk (one host dispatch);
         ``None`` for 100 on accelerators and 1 on CPU, where XLA runs convolutions inside
-        loops many times slower (a 2-step scan of ResNet-18 took 30x one step).
+        loops many times slower (``benchmarks/cpu_chunking.py``: 16x, docs/benchmarks.md).
       keep_checkpoints: number of epoch checkpoints kept.
       cache_dir: where downloads and decoded datasets are cached.
       synthetic_size: numbers of train and test images of ``data="synthetic"``.
