@@ -84,6 +84,9 @@ from train.trainer import train_and_evaluate
 logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
 logging.getLogger("train").setLevel(logging.INFO)
 print(f"JAX {jax.__version__}, devices: {jax.devices()}")
+if jax.default_backend() == "cpu":
+    print("No GPU found: training runs on the CPU, far too slowly for full runs (on Colab:")
+    print("Runtime > Change runtime type > GPU).")
 
 
 def default_workdir() -> Path:
