@@ -207,6 +207,18 @@ def test_resuming_with_another_config_is_refused(tmp_path, capsys):
     assert "different configuration (opt: 'adam' -> 'swats_local')" in err
 
 
+def test_garbled_metrics_stop_the_run_instead_of_being_dropped(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    garbled = '{"epoch": 1, "complete": true}\n{"epoch": 2, "comp\n{"epoch": 3, "complete": true}\n'
+    (workdir / "metrics.jsonl").write_text(garbled)
+    assert cifar.main([*TINY, f"--workdir={workdir}"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl, line 2: not JSON" in err and "repair or move the file" in err
+    assert err.count("\n") == 1
+    assert (workdir / "metrics.jsonl").read_text() == garbled
+
+
 def test_help_runs_without_jax():
     out = subprocess.run(
         [sys.executable, "-m", "train.cifar", "--help"], capture_output=True, text=True, check=True

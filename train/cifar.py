@@ -111,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that --help and flag errors answer without loading JAX.
     from train.checkpoint import CheckpointError
     from train.data import DatasetError
-    from train.trainer import ConfigMismatchError, train_and_evaluate
+    from train.trainer import ConfigMismatchError, MetricsError, train_and_evaluate
 
     try:
         train_and_evaluate(config, args.workdir)
-    except (DatasetError, ConfigMismatchError, CheckpointError) as err:
+    except (DatasetError, ConfigMismatchError, CheckpointError, MetricsError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

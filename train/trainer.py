@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 import swats_jax
 from train import data as data_lib
-from train import models
+from train import models, plots
 from train.checkpoint import Checkpointer
 from train.config import Config, make_optimizer
 
@@ -157,6 +157,10 @@ def _eval_batches(images: np.ndarray, labels: np.ndarray, batch: int, multiple: 
     return images.reshape(*shape, *images.shape[1:]), labels.reshape(shape), mask.reshape(shape)
 
 
+class MetricsError(ValueError):
+    """The workdir's ``metrics.jsonl`` cannot be read."""
+
+
 class _MetricsLog:
     """``metrics.jsonl`` (appended per epoch) and ``metrics.csv`` (rewritten from it)."""
 
@@ -165,15 +169,18 @@ class _MetricsLog:
         self.csv = workdir / "metrics.csv"
 
     def records(self) -> list[dict[str, Any]]:
+        """The records so far; none before the first epoch.
+
+        Raises:
+          MetricsError: a line before the last does not parse. The run stops rather than
+            rewrite the file without it.
+        """
         if not self.jsonl.exists():
             return []
-        records = []
-        for line in self.jsonl.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s: ignoring a truncated line", self.jsonl)
-        return records
+        try:
+            return plots.read_metrics(self.jsonl.parent)
+        except ValueError as err:
+            raise MetricsError(f"{err}; repair or move the file to continue the run") from err
 
     def keep_epochs_up_to(self, epoch: int) -> None:
         """Drops records past ``epoch`` (after resuming from its checkpoint)."""
@@ -392,8 +399,6 @@ def _rounded(value: Any) -> float:
 
 
 def _plot(workdir: Path) -> None:
-    from train import plots
-
     try:
         plots.plot_runs([workdir], workdir / "test_accuracy.png")
     except (ValueError, OSError) as err:  # a plot is a convenience: never lose a run to it
