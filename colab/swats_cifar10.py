@@ -25,8 +25,8 @@
 # plots the test accuracy of all runs, their training loss, the per-layer switch table and
 # when each layer switched, and compares the final accuracies with the published ones.
 #
-# All the training logic lives in the package (`train.train_and_evaluate`, the same code as
-# `python -m train.cifar`); this notebook only chooses the runs and shows the results.
+# All the training logic lives in the package (`train.trainer.train_and_evaluate`, the code
+# behind `python -m train.cifar`); this notebook only chooses the runs and shows the results.
 #
 # **Runtime**: use a GPU (Runtime > Change runtime type). A full run is 200 epochs per
 # optimizer, hours on a Colab GPU. Runs write a checkpoint every epoch into `workdir`; on
