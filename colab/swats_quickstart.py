@@ -166,9 +166,9 @@ def chained(swats):
     return optax.chain(optax.clip_by_global_norm(1.0), swats)
 
 
-local_params, local_state, local_losses = train(
-    chained(swats_jax.swats_local(learning_rate, switch_tol=1e-4))
-)
+local_tol = 1e-4
+local_run = train(chained(swats_jax.swats_local(learning_rate, switch_tol=local_tol)))
+local_params, local_state, local_losses = local_run
 print(
     f"swats_local: test accuracy {accuracy(local_params, test_x, test_y):.3f}, "
     f"{swats_jax.num_switched(local_state)} of 6 arrays in SGD"
@@ -207,7 +207,10 @@ plt.show()
 tolerances = [1e-3, 1e-4, 1e-5, 1e-6]
 sweep = {}
 for tol in tolerances:
-    params, state, losses = train(chained(swats_jax.swats_local(learning_rate, switch_tol=tol)))
+    if tol == local_tol:  # trained above
+        params, state, losses = local_run
+    else:
+        params, state, losses = train(chained(swats_jax.swats_local(learning_rate, switch_tol=tol)))
     sweep[tol] = (swats_jax.switch_events(state), accuracy(params, test_x, test_y), losses)
 
 figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -247,15 +250,16 @@ plt.show()
 
 # %%
 runs = {
-    "adam": optax.adam(learning_rate),
-    "swats_local (switch_tol=1e-4)": swats_jax.swats_local(learning_rate, switch_tol=1e-4),
-    "swats_global (switch_rtol=1e-3)": swats_jax.swats_global(learning_rate, switch_rtol=1e-3),
+    "adam": train(chained(optax.adam(learning_rate))),
+    f"swats_local (switch_tol={local_tol:g})": local_run,  # trained above
+    "swats_global (switch_rtol=1e-3)": train(
+        chained(swats_jax.swats_global(learning_rate, switch_rtol=1e-3))
+    ),
 }
 plt.figure(figsize=(8, 4))
-for (name, optimizer), colour in zip(runs.items(), ["C0", "C1", "C2"]):
-    params, state, losses = train(chained(optimizer))
-    events = [] if name == "adam" else swats_jax.switch_events(state)
-    switched = swats_jax.num_switched(state) if events else 0
+for (name, (params, state, losses)), colour in zip(runs.items(), ["C0", "C1", "C2"]):
+    events = swats_jax.switch_events(state)
+    switched = swats_jax.num_switched(state)
     print(
         f"{name}: test accuracy {accuracy(params, test_x, test_y):.3f}, "
         f"{switched} of 6 arrays in SGD, switches at steps {[e.step for e in events]}"
