@@ -327,10 +327,6 @@ def _step_constants(acc, count, lr, scale, b1, b2, eps, weight_decay, atol, rtol
     )
 
 
-def _add_pairs(x, y):
-    return x[0] + y[0], x[1] + y[1]
-
-
 # The per-leaf functions are jitted: inside the optimizer's own jit they are traced and
 # lowered once per distinct leaf shape rather than once per leaf.
 @functools.partial(jax.jit, static_argnums=0)
@@ -343,13 +339,9 @@ def _leaf_step(config, const, g, param, m, v, vmax, rate, switched, first_sgd_st
     """
     acc = const.c1.dtype
 
-    def gradient(g, param):
-        ga = g.astype(acc)
-        if config.weight_decay:
-            ga = ga + const.weight_decay * param.astype(acc)
-        return ga
-
-    ga = gradient(g, param)
+    ga = g.astype(acc)
+    if config.weight_decay:
+        ga = ga + const.weight_decay * param.astype(acc)
     ma, va = m.astype(acc), v.astype(acc)
 
     # The first moment (spec section 1) or, after the switch, the momentum buffer (section
@@ -372,30 +364,20 @@ def _leaf_step(config, const, g, param, m, v, vmax, rate, switched, first_sgd_st
     neg_sgd_rate = -(rate * const.scale)
     sgd_factor = neg_sgd_rate * const.one_minus_c1
 
-    def update_from(new_m, v_denominator, ga):
-        adam_update = const.neg_adam_step * new_m / (jnp.sqrt(v_denominator) + const.eps)
-        if config.momentum == "paper":
-            sgd_update = sgd_factor * (ga + const.c1 * new_m if config.nesterov else new_m)
-        elif config.nesterov:
-            sgd_update = neg_sgd_rate * new_m
-        else:
-            first_step = const.one_minus_c1 * new_m
-            sgd_update = neg_sgd_rate * jnp.where(first_sgd_step, first_step, new_m)
-        return jnp.where(switched, sgd_update, adam_update)
+    adam_update = const.neg_adam_step * new_m / (jnp.sqrt(v_denominator) + const.eps)
+    if config.momentum == "paper":
+        sgd_update = sgd_factor * (ga + const.c1 * new_m if config.nesterov else new_m)
+    elif config.nesterov:
+        sgd_update = neg_sgd_rate * new_m
+    else:
+        first_step = const.one_minus_c1 * new_m
+        sgd_update = neg_sgd_rate * jnp.where(first_sgd_step, first_step, new_m)
+    update = jnp.where(switched, sgd_update, adam_update)
 
-    update = update_from(new_m, v_denominator, ga)
-
-    # The sums of the switch statistics (spec section 2); in the Adam phase the update is
-    # p, after the switch the sums are ignored. They recompute the update from the new
-    # moments behind a barrier, so that XLA reads the moments it has just written rather
-    # than writing the update out for a second pass over it.
-    new_m_, v_denominator_, g_, param_ = jax.lax.optimization_barrier(
-        (new_m, v_denominator, g, param)
-    )
-    ga_ = gradient(g_, param_)
-    u = update_from(new_m_, v_denominator_, ga_)
-    zero = jnp.zeros([], acc)
-    pg, pp = jax.lax.reduce((u * ga_, u * u), (zero, zero), _add_pairs, tuple(range(u.ndim)))
+    # The sums of the switch statistics (spec section 2): in the Adam phase the update is
+    # p; after the switch they are ignored.
+    pg = jnp.sum(update * ga, dtype=acc)
+    pp = jnp.sum(update * update, dtype=acc)
 
     if config.amsgrad:
         new_vmax = new_vmax.astype(vmax.dtype)
