@@ -39,6 +39,6 @@ python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.
 status=0
 timeout 420 python3 benchmarks/train_throughput.py --data .data/cifar10-jpeg.tar.xz "$@" \
   2>&1 | tee "$OUT/train_throughput.log" || status=1
-timeout 90 python3 benchmarks/update_speed.py --repeats 50 2>&1 | tee "$OUT/update_speed.log" \
+timeout 240 python3 benchmarks/update_speed.py --repeats 30 2>&1 | tee "$OUT/update_speed.log" \
   || status=1
 exit "$status"

@@ -1,21 +1,27 @@
-"""Jitted optimizer-step time on a ResNet-18-shaped parameter tree, as ratios to optax.adam.
+"""Optimizer compile and step time on ResNet-18 and DenseNet-121 trees, as ratios to optax.adam.
 
-Run: ``python benchmarks/update_speed.py [--repeats 50]``. Prints one table; every time in it
-comes from the same process, so the ratios compare like with like.
+Run: ``python benchmarks/update_speed.py [--repeats 30] [--trees resnet18,densenet121]``.
+Prints one table per parameter tree; every time in a table comes from the same process, so the
+ratios compare like with like.
 
-Two timings per optimizer, for fixed gradients:
+For fixed gradients, per optimizer:
 
+- ``compile``: tracing, lowering and compiling ``jax.jit(step)``, where ``step(params, state,
+  grads)`` is ``opt.update`` followed by ``optax.apply_updates`` (what a training step pays
+  before its first call, on top of the model).
 - ``update``: ``jax.jit(opt.update)`` with the state donated; the updates are an output.
-- ``step``: the optimizer's part of a training step: one jitted call that computes the
-  updates and applies them, with the parameters and the state donated.
+- ``step``: that update-and-apply, jitted, parameters and state donated.
+- ``step, not donated``: the same without donation.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +29,10 @@ import optax
 
 import swats_jax
 
-RESNET18_LEAVES = 62
-RESNET18_PARAMS = 11_173_962
+Shapes = dict[str, tuple[int, ...]]
 
 
-def resnet18_shapes() -> dict[str, tuple[int, ...]]:
+def resnet18_shapes() -> Shapes:
     """Parameter shapes of the CIFAR ResNet-18 (NHWC kernels), by readable path."""
     shapes = {"conv1/kernel": (3, 3, 3, 64), "bn1/scale": (64,), "bn1/bias": (64,)}
     in_width = 64
@@ -47,6 +52,62 @@ def resnet18_shapes() -> dict[str, tuple[int, ...]]:
     shapes["linear/kernel"] = (512, 10)
     shapes["linear/bias"] = (10,)
     return shapes
+
+
+def densenet121_shapes(growth: int = 32) -> Shapes:
+    """Parameter shapes of the CIFAR DenseNet-121 (DenseNet-BC, 4 blocks of 6/12/24/16)."""
+    features = 2 * growth
+    shapes: Shapes = {"conv1/kernel": (3, 3, 3, features)}
+    for stage, size in enumerate((6, 12, 24, 16), start=1):
+        for layer in range(size):
+            prefix = f"dense{stage}/{layer}"
+            shapes[f"{prefix}/bn1/scale"] = shapes[f"{prefix}/bn1/bias"] = (features,)
+            shapes[f"{prefix}/conv1/kernel"] = (1, 1, features, 4 * growth)
+            shapes[f"{prefix}/bn2/scale"] = shapes[f"{prefix}/bn2/bias"] = (4 * growth,)
+            shapes[f"{prefix}/conv2/kernel"] = (3, 3, 4 * growth, growth)
+            features += growth
+        if stage < 4:
+            shapes[f"trans{stage}/bn/scale"] = shapes[f"trans{stage}/bn/bias"] = (features,)
+            shapes[f"trans{stage}/conv/kernel"] = (1, 1, features, math.floor(features / 2))
+            features = math.floor(features / 2)
+    shapes["bn/scale"] = shapes["bn/bias"] = (features,)
+    shapes["linear/kernel"] = (features, 10)
+    shapes["linear/bias"] = (10,)
+    return shapes
+
+
+# (leaves, parameters) of the models in train.models, checked against the shapes above.
+TREES: dict[str, tuple[Callable[[], Shapes], int, int]] = {
+    "resnet18": (resnet18_shapes, 62, 11_173_962),
+    "densenet121": (densenet121_shapes, 362, 6_956_298),
+}
+
+
+def optimizers() -> dict[str, optax.GradientTransformation]:
+    return {
+        "optax.adam": optax.adam(1e-3),
+        "optax.sgd": optax.sgd(0.1),
+        "optax.sgd(momentum=0.9)": optax.sgd(0.1, momentum=0.9),
+        "swats_local": swats_jax.swats_local(),
+        "swats_global": swats_jax.swats_global(),
+        "adabound": swats_jax.adabound(),
+    }
+
+
+def _apply(opt: optax.GradientTransformation):
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def compile_seconds(opt: optax.GradientTransformation, params, grads) -> float:
+    """Seconds to trace, lower and compile the update-and-apply step (nothing cached)."""
+    state = jax.eval_shape(opt.init, params)
+    start = time.perf_counter()
+    jax.jit(_apply(opt)).lower(params, state, grads).compile()
+    return time.perf_counter() - start
 
 
 def _median_time(call, carry, repeats: int) -> float:
@@ -69,59 +130,65 @@ def time_update(opt: optax.GradientTransformation, params, grads, repeats: int) 
     )
 
 
-def time_step(opt: optax.GradientTransformation, params, grads, repeats: int) -> float:
-    """Median seconds of one jitted update-and-apply, params and state donated."""
-
-    def step(carry):
-        params, state = carry
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
+def time_step(
+    opt: optax.GradientTransformation, params, grads, repeats: int, donate: bool = True
+) -> float:
+    """Median seconds of one jitted update-and-apply, params and state donated or not."""
+    step = jax.jit(_apply(opt), donate_argnums=(0, 1) if donate else ())
     params = jax.tree.map(jnp.copy, params)  # the caller's arrays are not donated
-    return _median_time(jax.jit(step, donate_argnums=0), (params, opt.init(params)), repeats)
+    return _median_time(lambda carry: step(*carry, grads), (params, opt.init(params)), repeats)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=50)
-    args = parser.parse_args()
-
-    shapes = resnet18_shapes()
+def benchmark_tree(name: str, repeats: int) -> None:
+    shapes_fn, num_leaves, num_params = TREES[name]
+    shapes = shapes_fn()
     keys = jax.random.split(jax.random.key(0), len(shapes))
     params = {k: jax.random.normal(key, s) * 0.05 for key, (k, s) in zip(keys, shapes.items())}
     grads = jax.tree.map(lambda p: 0.01 * jnp.tanh(p), params)
     size = sum(p.size for p in jax.tree.leaves(params))
-    assert len(shapes) == RESNET18_LEAVES and size == RESNET18_PARAMS, (len(shapes), size)
+    assert (len(shapes), size) == (num_leaves, num_params), (len(shapes), size)
 
-    optimizers = {
-        "optax.adam": optax.adam(1e-3),
-        "optax.sgd": optax.sgd(0.1),
-        "optax.sgd(momentum=0.9)": optax.sgd(0.1, momentum=0.9),
-        "swats_local": swats_jax.swats_local(),
-        "swats_global": swats_jax.swats_global(),
-        "adabound": swats_jax.adabound(),
-    }
-    times = {
-        name: (
-            time_update(opt, params, grads, args.repeats),
-            time_step(opt, params, grads, args.repeats),
+    opts = optimizers()
+    # Compile first, each optimizer once: later timings reuse what jax traced for it.
+    compiles = {n: compile_seconds(opt, params, grads) for n, opt in opts.items()}
+    rows = {
+        n: (
+            compiles[n],
+            time_update(opt, params, grads, repeats),
+            time_step(opt, params, grads, repeats),
+            time_step(opt, params, grads, repeats, donate=False),
         )
-        for name, opt in optimizers.items()
+        for n, opt in opts.items()
     }
     device = jax.devices()[0]
     print(
-        f"# optimizer time, {len(shapes)} leaves, {size:,} float32 parameters; "
+        f"\n# {name}: {len(shapes)} leaves, {size:,} float32 parameters; "
         f"{device.platform}: {device.device_kind}; {platform.processor() or platform.machine()}; "
-        f"jax {jax.__version__}, optax {optax.__version__}; median of {args.repeats}"
+        f"jax {jax.__version__}, optax {optax.__version__}; times: median of {repeats}"
     )
-    adam_update, adam_step = times["optax.adam"]
-    print("| optimizer | update ms | update vs adam | step ms | step vs adam |")
-    print("|---|---:|---:|---:|---:|")
-    for name, (update, step) in times.items():
-        print(
-            f"| {name} | {1e3 * update:.2f} | {update / adam_update:.2f}x "
-            f"| {1e3 * step:.2f} | {step / adam_step:.2f}x |"
-        )
+    adam = rows["optax.adam"]
+    print(
+        "| optimizer | compile s | vs adam | update ms | vs adam | step ms | vs adam "
+        "| step, not donated, ms | vs adam |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, row in rows.items():
+        cells = [
+            f"{value * scale:.2f} | {value / base:.2f}x"
+            for value, base, scale in zip(row, adam, (1, 1e3, 1e3, 1e3))
+        ]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--trees", default="resnet18,densenet121", help="comma-separated")
+    args = parser.parse_args()
+    for name in args.trees.split(","):
+        if name not in TREES:
+            parser.error(f"unknown tree {name!r}; expected some of {sorted(TREES)}")
+        benchmark_tree(name, args.repeats)
 
 
 if __name__ == "__main__":

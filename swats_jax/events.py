@@ -43,7 +43,8 @@ def switch_events(opt_state: Any) -> list[SwitchEvent]:
     :func:`~swats_jax.swats_global` or any chain, mask, ``MultiSteps`` or
     ``inject_hyperparams`` wrapper that contains one. Everything is read from the
     state (one host transfer per call), so call it outside ``jit``, e.g. once per
-    epoch. A global SWATS state yields one event, for the leaf that triggered.
+    epoch. A global SWATS state yields one event, for the leaf that triggered (one per
+    leaf if several triggered on that step with exactly the adopted rate).
 
     Args:
       opt_state: an optimizer state containing one or more :class:`SwatsState`.

@@ -39,7 +39,8 @@ class SwatsState(NamedTuple):
         after its switch).
       switch_step: per-leaf int32, the 1-based step on which this leaf's own
         switch test passed and caused a switch; -1 otherwise. In global mode only
-        the leaf that triggered the switch has one.
+        the leaf that triggered the switch has one (or each leaf that passed on that
+        step with exactly the adopted rate, as identical leaves do).
     """
 
     count: jax.Array
@@ -503,7 +504,8 @@ def swats_global(
     :math:`|\Lambda - \gamma| \le` ``switch_atol`` + ``switch_rtol`` :math:`|\gamma|`
     with :math:`\Lambda > 0`. When one passes, every leaf takes SGD steps from the
     next step on, all with the :math:`\Lambda` of the triggering leaf (the first
-    in pytree flatten order when several pass on the same step).
+    in pytree flatten order when several pass on the same step; those that pass with
+    exactly that :math:`\Lambda`, as identical leaves do, all record the switch).
 
     Args:
       learning_rate: Adam-phase learning rate (float or schedule).

@@ -279,3 +279,24 @@ def test_weight_decay_needs_params():
     state = opt.init(jnp.ones(2))
     with pytest.raises(ValueError, match="weight_decay needs `params`"):
         opt.update(jnp.ones(2), state)
+
+
+def test_global_first_leaf_in_flatten_order_sets_the_rate():
+    # Constant gradients: every leaf passes on step 2 (spec section 5). "a" comes first in
+    # flatten order, so its rate is adopted and only it records the switch; "c" is a copy of
+    # "a" (the same rate, bit for bit), so it records the switch too.
+    grads = {
+        "a": jnp.array([0.5, -2.0]),
+        "b": jnp.array([3.0, 0.1, 1.0]),
+        "c": jnp.array([0.5, -2.0]),
+    }
+    opt = swats_jax.swats_global(learning_rate=1e-3)
+    state = opt.init(jax.tree.map(jnp.zeros_like, grads))
+    update = jax.jit(opt.update)
+    for _ in range(3):
+        _, state = update(grads, state)
+    events = swats_jax.switch_events(state)
+    assert [(e.path, e.step) for e in events] == [("a", 2), ("c", 2)]
+    rate_a = float(swats_jax.switch_events(state)[0].lr)
+    np.testing.assert_allclose(rate_a, 1e-3 * 2 / 2.5, rtol=1e-4)
+    assert {float(r) for r in jax.tree.leaves(state.sgd_lr)} == {rate_a}
