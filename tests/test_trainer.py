@@ -232,7 +232,9 @@ def test_sharded_run_equals_single_device_run(tmp_path):
     # width-4 BatchNorm network amplify them: on this data the fourth step already reaches
     # 5% on some leaves, while per-shard batch statistics or fast-variance cancellation
     # show up as several percent from the first step.) The parameter *changes* are
-    # compared, leaf by leaf, relative to the largest change of the leaf.
+    # compared, leaf by leaf, relative to the largest change of the leaf, within 1%: the
+    # BatchNorm scales sit near 1.0, where one float32 step is 1.2e-7, so a change of 5e-5
+    # is only resolved to about 0.2%, and the sharded sums moved some leaves by 0.6%.
     script = textwrap.dedent(
         f"""
         import pathlib
@@ -253,7 +255,7 @@ def test_sharded_run_equals_single_device_run(tmp_path):
             moves.append(jax.tree.map(lambda a, b: np.asarray(a) - b, state["params"], initial))
             assert max(np.abs(m).max() for m in jax.tree.leaves(moves[-1])) > 1e-4
         for a, b in zip(*map(jax.tree.leaves, moves)):
-            assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max(), np.abs(a - b).max()
+            assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max(), np.abs(a - b).max()
         print("OK")
         """
     )
