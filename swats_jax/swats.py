@@ -362,6 +362,8 @@ def _leaf_step(config, const, g, param, m, v, vmax, rate, switched, first_sgd_st
         new_vmax = jnp.where(switched, vmax, jnp.maximum(vmax.astype(acc), v_adam))
         v_denominator = new_vmax
 
+    # The update below reads only the new moments and the gradient, so that the old moments
+    # can be overwritten in place (no copies under donation).
     neg_sgd_rate = -(rate * const.scale)
     sgd_factor = neg_sgd_rate * const.one_minus_c1
 
