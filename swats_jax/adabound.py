@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from swats_jax import _checks
-from swats_jax.swats import _accumulation_dtype, _value_at
+from swats_jax import _checks, _core
 
 
 class AdaBoundState(NamedTuple):
@@ -78,80 +77,59 @@ def scale_by_adabound(
       Learning Rate <https://arxiv.org/abs/1902.09843>`_, ICLR 2019; official
       code: Luolc/AdaBound.
     """
-    _checks.check_nonnegative("learning_rate", learning_rate)
+    use_weight_decay = _core.check_adam_hyperparameters(learning_rate, b1, b2, eps, weight_decay)
     _checks.check_nonnegative("final_lr", final_lr)
     _checks.check_positive("gamma", gamma)
-    _checks.check_beta("b1", b1)
-    _checks.check_beta("b2", b2)
-    _checks.check_nonnegative("eps", eps)
-    _checks.check_nonnegative("weight_decay", weight_decay)
     if base_lr is not None:
         _checks.check_positive("base_lr", base_lr)
-    use_weight_decay = not _checks.is_static_zero(weight_decay)
 
     def init_fn(params: optax.Params) -> AdaBoundState:
-        first_lr = base_lr if base_lr is not None else _value_at(learning_rate, 0)
+        first_lr = base_lr if base_lr is not None else _core.value_at(learning_rate, 0)
         _checks.check_positive("base_lr (the learning rate at step 0)", first_lr)
         return AdaBoundState(
-            count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params),
-            nu=optax.tree.zeros_like(params),
-            nu_max=optax.tree.zeros_like(params) if amsbound else None,
+            **_core.init_adam(params, amsbound),
             # float64 when x64 is on, so that float64 runs stay float64 end to end.
             base_lr=jnp.asarray(first_lr, jnp.result_type(float)),
         )
 
-    def update_fn(
-        updates: optax.Updates,
-        state: AdaBoundState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, AdaBoundState]:
-        del extra_args
-        if use_weight_decay and params is None:
-            raise ValueError("scale_by_adabound: weight_decay needs `params` in update().")
+    def update_leaves(treedef, grads, leaves_params, state: AdaBoundState):
         count = state.count
-        lr = _value_at(learning_rate, count)
+        lr = _core.value_at(learning_rate, count)
+        constants = _core.per_dtype(
+            lambda acc: _core.adam_constants(acc, count, lr, b1, b2, eps, weight_decay)
+        )
 
-        def leaf(g, param, m, v, vmax):
-            acc = _accumulation_dtype(g.dtype)
-            ga = g.astype(acc)
-            if use_weight_decay:
-                ga = ga + jnp.asarray(weight_decay, acc) * param.astype(acc)
-            c1, c2 = jnp.asarray(b1, acc), jnp.asarray(b2, acc)
-            k = (count + 1).astype(acc)
-            new_m = c1 * m.astype(acc) + (1 - c1) * ga
-            new_v = c2 * v.astype(acc) + (1 - c2) * ga * ga
-            denominator_v = new_v
+        def leaf(g, param, m, v, v_max):
+            const = constants(g)
+            g_acc = _core.gradient(const, g, param)
+            new_m = _core.moment(const.b1, m.astype(g_acc.dtype), const.one_minus_b1, g_acc)
+            new_v = _core.second_moment(const, v.astype(g_acc.dtype), g_acc)
+            v_denominator = new_v
             if amsbound:
-                vmax = jnp.maximum(vmax.astype(acc), new_v)
-                denominator_v = vmax
-            lr_k = jnp.asarray(lr, acc)
-            step_size = lr_k * jnp.sqrt(1 - c2**k) / (1 - c1**k)
-            final_k = jnp.asarray(final_lr, acc) * lr_k / state.base_lr.astype(acc)
+                v_max = _core.running_max(v_max, new_v)
+                v_denominator = v_max
+            lr_k, k = const.learning_rate, const.k
+            final_k = jnp.asarray(final_lr, lr_k.dtype) * lr_k / state.base_lr.astype(lr_k.dtype)
             # final * (1 - 1/(gamma*k + 1)), without float32 cancellation at small k.
             lower = final_k * (gamma * k) / (gamma * k + 1)
             upper = final_k * (1 + 1 / (gamma * k))
-            rate = jnp.clip(step_size / (jnp.sqrt(denominator_v) + eps), lower, upper)
-            update = (-rate * new_m).astype(g.dtype)
-            if amsbound:
-                vmax = vmax.astype(v.dtype)
-            return update, new_m.astype(m.dtype), new_v.astype(v.dtype), vmax
-
-        treedef = jax.tree.structure(updates)
-        grads = treedef.flatten_up_to(updates)
-        none = [None] * len(grads)
-        results = [
-            leaf(*args)
-            for args in zip(
-                grads,
-                treedef.flatten_up_to(params) if use_weight_decay else none,
-                treedef.flatten_up_to(state.mu),
-                treedef.flatten_up_to(state.nu),
-                treedef.flatten_up_to(state.nu_max) if amsbound else none,
+            bounded = jnp.clip(
+                const.step_size / _core.denominator(const, v_denominator), lower, upper
             )
-        ]
-        new_updates, mu, nu, nu_max = (list(x) for x in zip(*results)) if results else ([],) * 4
+            update = (-bounded * new_m).astype(g.dtype)
+            if amsbound:
+                v_max = v_max.astype(v.dtype)
+            return update, new_m.astype(m.dtype), new_v.astype(v.dtype), v_max
+
+        new_updates, mu, nu, nu_max = _core.map_leaves(
+            leaf,
+            4,
+            grads,
+            leaves_params,
+            treedef.flatten_up_to(state.mu),
+            treedef.flatten_up_to(state.nu),
+            _core.flatten(treedef, state.nu_max),
+        )
         new_state = AdaBoundState(
             count=optax.safe_increment(count),
             mu=treedef.unflatten(mu),
@@ -161,7 +139,7 @@ def scale_by_adabound(
         )
         return treedef.unflatten(new_updates), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _core.transformation("scale_by_adabound", init_fn, update_leaves, use_weight_decay)
 
 
 def adabound(
