@@ -16,12 +16,12 @@ class SwitchEvent(NamedTuple):
     Attributes:
       path: the leaf's pytree path joined with ``/`` (e.g. ``layer1/0/conv1/kernel``).
       step: the 1-based step on which the switch test passed; SGD starts on the next.
-      lr: the adopted SGD rate, before ``sgd_scale``.
+      sgd_lr: the adopted SGD rate, before ``sgd_scale`` (the state's ``sgd_lr``).
     """
 
     path: str
     step: int
-    lr: float
+    sgd_lr: float
 
 
 def _key_name(key: Any) -> str:
@@ -58,11 +58,11 @@ def switch_events(opt_state: Any) -> list[SwitchEvent]:
         if not is_swats(state):
             continue
         steps, _ = jax.tree_util.tree_flatten_with_path(state.switch_step)
-        rates = jax.tree.leaves(state.sgd_lr)
-        host_steps, host_rates = jax.device_get(([s for _, s in steps], rates))
-        for (path, _), step, rate in zip(steps, host_steps, host_rates):
+        sgd_lrs = jax.tree.leaves(state.sgd_lr)
+        host_steps, host_sgd_lrs = jax.device_get(([s for _, s in steps], sgd_lrs))
+        for (path, _), step, sgd_lr in zip(steps, host_steps, host_sgd_lrs):
             if int(step) >= 0:
-                events.append(SwitchEvent(path_to_str(path), int(step), float(rate)))
+                events.append(SwitchEvent(path_to_str(path), int(step), float(sgd_lr)))
     return sorted(events, key=lambda event: event.step)
 
 
@@ -74,13 +74,13 @@ def format_switch_table(events: list[SwitchEvent], fmt: str = "markdown") -> str
       fmt: ``"markdown"`` or ``"csv"``.
 
     Returns:
-      The table as text, one row per event: layer path, step, estimated SGD rate.
+      The table as text, one row per event: layer path, step, adopted SGD rate (``sgd_lr``).
     """
     if fmt == "csv":
-        rows = ["layer,step,sgd_lr"] + [f"{e.path},{e.step},{e.lr:.6g}" for e in events]
+        rows = ["layer,step,sgd_lr"] + [f"{e.path},{e.step},{e.sgd_lr:.6g}" for e in events]
     elif fmt == "markdown":
-        rows = ["| layer | step | SGD rate |", "|---|---:|---:|"]
-        rows += [f"| `{e.path}` | {e.step} | {e.lr:.4g} |" for e in events]
+        rows = ["| layer | step | sgd_lr |", "|---|---:|---:|"]
+        rows += [f"| `{e.path}` | {e.step} | {e.sgd_lr:.4g} |" for e in events]
     else:
         raise ValueError(f"fmt must be 'markdown' or 'csv', got {fmt!r}.")
     return "\n".join(rows) + "\n"

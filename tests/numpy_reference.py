@@ -1,8 +1,8 @@
 """Independent float64 NumPy reference for SWATS and AdaBound (test oracle).
 
-Written from docs/SWATS_SPEC.md only (not from the swats_jax sources), with
-straightforward per-step Python loops: clarity over speed.  Section numbers in
-the comments refer to that specification.
+Written from the algorithm's description only (not from the swats_jax sources),
+with straightforward per-step Python loops: clarity over speed.  Section numbers
+in the comments refer to docs/algorithm.md.
 
 Conventions shared by both optimizers:
 

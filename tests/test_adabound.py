@@ -1,4 +1,4 @@
-"""AdaBound / AMSBound against the NumPy reference and the spec's check values."""
+"""AdaBound / AMSBound against the NumPy reference and docs/algorithm.md's check values."""
 
 import jax.numpy as jnp
 import numpy as np

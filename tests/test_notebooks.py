@@ -80,7 +80,7 @@ def test_quickstart_runs(tmp_path):
     assert "swats_local: test accuracy" in printed
     assert "swats_global (switch_rtol=1e-3): test accuracy" in printed
     assert any(
-        "| layer | step | SGD rate |" in md
+        "| layer | step | sgd_lr |" in md
         for md in _outputs(notebook, "display_data", "text/markdown")
     )
     assert len(_outputs(notebook, "display_data", "image/png")) == 4
@@ -107,7 +107,7 @@ def test_cifar10_runs_and_resumes(tmp_path):
         "switches-swats_global.png",
     }
     tables = _outputs(notebook, "display_data", "text/markdown")
-    assert sum("| layer | step | SGD rate |" in md for md in tables) == 2
+    assert sum("| layer | step | sgd_lr |" in md for md in tables) == 2
     assert "| swats_local | 1 |" in tables[-1] and "| 94.13 |" in tables[-1]
 
     # A second session with more epochs picks the run up from its checkpoint, as after a

@@ -169,7 +169,7 @@ def test_switch_events_in_nested_chain():
     events = swats_jax.switch_events(state)
     assert [e.path for e in events] == ["layer1/0/conv1/kernel", "linear/kernel"]
     assert [e.step for e in events] == [2, 2]
-    np.testing.assert_allclose([e.lr for e in events], [2e-3, 5e-4], rtol=1e-4)
+    np.testing.assert_allclose([e.sgd_lr for e in events], [2e-3, 5e-4], rtol=1e-4)
     assert swats_jax.num_switched(state) == 2
     table = swats_jax.format_switch_table(events)
     assert "| `layer1/0/conv1/kernel` | 2 | 0.002 |" in table
@@ -191,7 +191,7 @@ def test_global_switch_reports_one_event_for_the_trigger():
     (event,) = swats_jax.switch_events(state)
     assert event.path == "b" and event.step == 2
     assert swats_jax.num_switched(state) == 2
-    assert float(state.sgd_lr["a"]) == float(state.sgd_lr["b"]) == event.lr
+    assert float(state.sgd_lr["a"]) == float(state.sgd_lr["b"]) == event.sgd_lr
 
 
 def test_format_switch_table_rejects_unknown_format():

@@ -1,4 +1,4 @@
-"""SWATS against the independent NumPy float64 reference and the spec's facts."""
+"""SWATS against the independent NumPy float64 reference and the facts of docs/algorithm.md."""
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ def _compare(ours, reference, state, leaf_count):
     events = swats_jax.switch_events(state)
     assert [(int(e.path), e.step) for e in events] == [(i, k) for i, k, _ in reference["events"]]
     np.testing.assert_allclose(
-        [e.lr for e in events], [r for _, _, r in reference["events"]], rtol=1e-12
+        [e.sgd_lr for e in events], [r for _, _, r in reference["events"]], rtol=1e-12
     )
     np.testing.assert_allclose(jax.tree.leaves(state.lam), reference["lam"], rtol=1e-12, atol=0)
     assert [bool(s) for s in jax.tree.leaves(state.switched)] == reference["switched"]
@@ -96,7 +96,8 @@ def test_global_matches_numpy_reference(x64, case):
 @pytest.mark.parametrize("momentum", ["paper", "reference"])
 def test_sgd_recursion_test_vectors(x64, momentum):
     # eps = 0 and a constant unit gradient make gamma = Lam = lr exactly, so the leaf
-    # switches at k = 2 with rate 1 and the SGD updates are the spec's vectors.
+    # switches at k = 2 with rate 1 and the SGD updates are the vectors of docs/algorithm.md
+    # section 9.
     opt = swats_jax.swats_global(learning_rate=1.0, eps=0.0, momentum=momentum)
     params = jnp.zeros(1, jnp.float64)
     state = opt.init(params)
@@ -122,11 +123,11 @@ def test_constant_gradient_switches_at_step_two(factory):
         _, state = opt.update(g, state)
     (event,) = swats_jax.switch_events(state)
     assert event.step == 2
-    np.testing.assert_allclose(event.lr, 1e-3 * 4 / float(jnp.abs(g).sum()), rtol=1e-4)
+    np.testing.assert_allclose(event.sgd_lr, 1e-3 * 4 / float(jnp.abs(g).sum()), rtol=1e-4)
 
 
 def test_identical_leaves_switch_together():
-    # Spec section 5: leaves with identical gradients switch on the same step, same rate.
+    # Leaves with identical gradients switch on the same step with the same rate (section 9).
     params, grad_fn = make_problem()
 
     def twin_grads(count, current):
@@ -137,7 +138,7 @@ def test_identical_leaves_switch_together():
     _, state = run_optimizer(swats_jax.swats_local(learning_rate=1e-2), start, twin_grads, 30)
     events = {e.path: e for e in swats_jax.switch_events(state)}
     assert events["1"].step == events["2"].step > 2
-    assert events["1"].lr == events["2"].lr
+    assert events["1"].sgd_lr == events["2"].sgd_lr
     assert events["0"].step != events["1"].step
 
 
@@ -229,7 +230,9 @@ def test_sgd_scale_multiplies_only_the_adopted_rate():
         )
         ratio = 1.0 if step < 2 else 0.5  # Adam steps 1-2, SGD from step 3
         np.testing.assert_allclose(u_half, ratio * u_full, rtol=1e-6)
-    assert swats_jax.switch_events(states[0])[0].lr == swats_jax.switch_events(states[1])[0].lr
+    assert (
+        swats_jax.switch_events(states[0])[0].sgd_lr == swats_jax.switch_events(states[1])[0].sgd_lr
+    )
 
 
 def test_state_keeps_two_buffers_and_stable_dtypes():
@@ -282,9 +285,9 @@ def test_weight_decay_needs_params():
 
 
 def test_global_first_leaf_in_flatten_order_sets_the_rate():
-    # Constant gradients: every leaf passes on step 2 (spec section 5). "a" comes first in
-    # flatten order, so its rate is adopted and only it records the switch; "c" is a copy of
-    # "a" (the same rate, bit for bit), so it records the switch too.
+    # Constant gradients: every leaf passes on step 2 (docs/algorithm.md section 9). "a"
+    # comes first in flatten order, so its rate is adopted and only it records the switch;
+    # "c" is a copy of "a" (the same rate, bit for bit), so it records the switch too.
     grads = {
         "a": jnp.array([0.5, -2.0]),
         "b": jnp.array([3.0, 0.1, 1.0]),
@@ -297,6 +300,6 @@ def test_global_first_leaf_in_flatten_order_sets_the_rate():
         _, state = update(grads, state)
     events = swats_jax.switch_events(state)
     assert [(e.path, e.step) for e in events] == [("a", 2), ("c", 2)]
-    rate_a = events[0].lr
+    rate_a = events[0].sgd_lr
     np.testing.assert_allclose(rate_a, 1e-3 * 2 / 2.5, rtol=1e-4)
     assert {float(r) for r in jax.tree.leaves(state.sgd_lr)} == {rate_a}

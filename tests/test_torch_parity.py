@@ -59,7 +59,7 @@ def test_matches_pytorch_swats_through_the_switch(x64, kwargs):
     ours, state = _our_run(1e-3, **kwargs)
     (event,) = swats_jax.switch_events(state)
     assert event.step == phases.index("SGD") + 1
-    np.testing.assert_allclose(event.lr, torch_rate, rtol=1e-12)
+    np.testing.assert_allclose(event.sgd_lr, torch_rate, rtol=1e-12)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-10)
     # The SGD steps are small next to the weights: compare the steps themselves too.
     np.testing.assert_allclose(np.diff(ours, axis=0), np.diff(expected, axis=0), rtol=1e-8)
