@@ -226,6 +226,12 @@ def test_help_runs_without_jax():
     assert "--opt" in out and "--max-steps" in out and "--recipe" in out
 
 
+def test_importing_the_trainer_does_not_load_matplotlib():
+    script = "import sys, train.trainer; assert 'matplotlib' not in sys.modules, 'matplotlib'"
+    root = Path(__file__).resolve().parents[1]  # this checkout's train, not an installed one
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=root)
+
+
 def test_sharded_run_equals_single_device_run(tmp_path):
     # Plain SGD with a small rate over three steps: the rounding differences of the sharded
     # sums stay small. (Adam's normalised first steps, large rates, or longer runs of this
