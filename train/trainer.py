@@ -47,14 +47,24 @@ class ConfigMismatchError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Model:
-    """A model split into its static graph and its parameter / batch-statistic templates."""
+class Model:
+    """A Flax NNX model split into its static graph and its state templates.
+
+    The training loop carries parameters and batch statistics as plain nested dicts
+    (``nnx.to_pure_dict``); :meth:`merge` turns them back into a callable module.
+
+    Attributes:
+      graphdef: the static graph of ``nnx.split``.
+      param_template: the ``nnx.Param`` state the parameters are poured into.
+      stats_template: the ``nnx.BatchStat`` state the batch statistics are poured into.
+    """
 
     graphdef: Any
     param_template: Any
     stats_template: Any
 
-    def merge(self, params, stats):
+    def merge(self, params: dict, stats: dict) -> nnx.Module:
+        """The module with ``params`` and ``stats``; the templates are left unchanged."""
         param_state = jax.tree.map(lambda x: x, self.param_template)
         stats_state = jax.tree.map(lambda x: x, self.stats_template)
         nnx.replace_by_pure_dict(param_state, params)
@@ -62,7 +72,20 @@ class _Model:
         return nnx.merge(self.graphdef, param_state, stats_state)
 
 
-def _init_model(config: Config, num_classes: int) -> tuple[_Model, dict, dict]:
+def init_model(config: Config, num_classes: int) -> tuple[Model, dict, dict]:
+    """Creates and initialises ``config.model`` as the trainer does.
+
+    Deterministic given ``config`` (its ``model``, ``width``, ``dtype`` and ``seed``) and
+    ``num_classes``: this rebuilds a run's starting point, or a target to restore its
+    checkpoints into.
+
+    Args:
+      config: the run's configuration.
+      num_classes: size of the output layer.
+
+    Returns:
+      The ``Model``, and its initial parameters and batch statistics as nested dicts.
+    """
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     # The rbg PRNG compiles one initialiser per shape much faster than threefry on CPU.
     rngs = nnx.Rngs(jax.random.key(config.seed, impl="rbg"))
@@ -70,11 +93,11 @@ def _init_model(config: Config, num_classes: int) -> tuple[_Model, dict, dict]:
         config.model, num_classes=num_classes, width=config.width, dtype=dtype, rngs=rngs
     )
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    template = _Model(graphdef, params, stats)
+    template = Model(graphdef, params, stats)
     return template, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
-def _make_steps(model: _Model, optimizer: optax.GradientTransformation, batch_sharding):
+def _make_steps(model: Model, optimizer: optax.GradientTransformation, batch_sharding):
     """The jitted functions of the loop: a chunk of training steps and the evaluation."""
 
     def loss_fn(params, stats, images, labels):
@@ -231,7 +254,7 @@ def train_and_evaluate(
     if steps_per_epoch == 0:
         raise ValueError(f"{num_train} training images are fewer than one batch")
 
-    model, params, stats = _init_model(config, dataset.num_classes)
+    model, params, stats = init_model(config, dataset.num_classes)
     setup = make_optimizer(config, steps_per_epoch)
     opt_state = setup.optimizer.init(params)
     train_chunk, evaluate = _make_steps(model, setup.optimizer, batch_sharding)
