@@ -5,7 +5,7 @@ goes) with ``metrics.csv`` (the same records, rewritten from it each epoch), and
 runs ``switches.md`` / ``switches.csv`` (the per-layer table of
 :func:`swats_jax.format_switch_table`, whose CSV columns are ``layer,step,sgd_lr``).
 The trainer writes them through :class:`MetricsLog` and :func:`write_switch_table`;
-plots and notebooks read them through :func:`read_metrics` and :func:`read_switch_table`.
+``train.plots`` reads them through :func:`read_metrics` and :func:`read_switch_table`.
 Reading needs neither JAX nor Matplotlib.
 """
 
