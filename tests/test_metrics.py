@@ -61,21 +61,6 @@ def test_read_metrics_ignores_a_truncated_last_line_with_a_warning(tmp_path, cap
     assert any(str(path) in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        ('not json\n{"epoch": 1}\n', r"metrics\.jsonl, line 1: not JSON"),
-        ('[1]\n{"epoch": 1}\n', r"metrics\.jsonl, line 1: expected a JSON object"),
-        (None, r"cannot read .*metrics\.jsonl"),
-    ],
-)
-def test_unreadable_metrics_raise_metrics_error_naming_the_file(tmp_path, content, message):
-    if content is not None:
-        (tmp_path / "metrics.jsonl").write_text(content)
-    with pytest.raises(MetricsError, match=message):
-        metrics.read_metrics(tmp_path)
-
-
 def test_a_garbled_log_is_not_rewritten(tmp_path):
     garbled = '{"epoch": 1, "complete": true}\n{"epoch": 2, "comp\n{"epoch": 3}\n'
     (tmp_path / "metrics.jsonl").write_text(garbled)
@@ -105,15 +90,19 @@ def test_switch_table_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content, message",
+    "name, content, message",
     [
-        ("layer,step\nconv/kernel,3\n", "expected the columns layer,step,sgd_lr"),
-        ("layer,step,sgd_lr\nconv/kernel,soon,0.1\n", "expected the columns layer,step,sgd_lr"),
-        (None, r"cannot read .*switches\.csv"),
+        ("metrics.jsonl", 'not json\n{"epoch": 1}\n', r"metrics\.jsonl, line 1: not JSON"),
+        ("metrics.jsonl", '[1]\n{"epoch": 1}\n', r"metrics\.jsonl, line 1: expected a JSON object"),
+        ("metrics.jsonl", None, r"cannot read .*metrics\.jsonl"),
+        ("switches.csv", "layer,step\nconv/kernel,3\n", "expected the columns layer,step,sgd_lr"),
+        ("switches.csv", "layer,step,sgd_lr\nc/k,soon,0.1\n", "expected the columns layer,step"),
+        ("switches.csv", None, r"cannot read .*switches\.csv"),
     ],
 )
-def test_unreadable_switch_table_raises_metrics_error(tmp_path, content, message):
+def test_unreadable_files_raise_metrics_error_naming_the_file(tmp_path, name, content, message):
     if content is not None:
-        (tmp_path / "switches.csv").write_text(content)
+        (tmp_path / name).write_text(content)
+    read = metrics.read_metrics if name == "metrics.jsonl" else metrics.read_switch_table
     with pytest.raises(MetricsError, match=message):
-        metrics.read_switch_table(tmp_path)
+        read(tmp_path)
