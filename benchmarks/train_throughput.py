@@ -24,12 +24,12 @@ from flax import nnx
 
 from train import data as data_lib
 from train.config import Config
-from train.trainer import _init_model, train_and_evaluate
+from train.trainer import init_model, train_and_evaluate
 
 
 def bare_step_throughput(config: Config, dataset: data_lib.Dataset, epochs: int) -> float:
     """Images/s of the last of ``epochs`` epochs of a bare scan-of-steps with optax.adam."""
-    model, params, stats = _init_model(config, dataset.num_classes)
+    model, params, stats = init_model(config, dataset.num_classes)
     optimizer = optax.adam(1e-3)
     images = jax.device_put(data_lib.preprocess_eval(jnp.asarray(dataset.train_images)))
     labels = jax.device_put(jnp.asarray(dataset.train_labels))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import data
+from train import data, data_readers
 from train.data import DatasetError
 
 CLASSES = ("cat", "airplane", "dog")  # folder names; labels follow sorted order
@@ -182,7 +182,7 @@ def test_archive_junk_is_ignored(png_folder, tmp_path):
 
 def test_parallel_decoding_matches_in_process(png_folder, tmp_path, monkeypatch):
     root, expected = png_folder
-    monkeypatch.setattr(data, "_DECODE_CHUNK", 4)  # 15 train + 6 test images: 6 tasks
+    monkeypatch.setattr(data_readers, "DECODE_CHUNK", 4)  # 15 train + 6 test images: 6 tasks
     _assert_same(data.load_cifar10(root, cache_dir=tmp_path, workers=2), expected)
 
 
@@ -194,8 +194,10 @@ def test_cache_skips_decoding_and_survives_corruption(png_folder, tmp_path, monk
     path = _archive(root, tmp_path / "a.tar.gz")
     cache = tmp_path / "cache"
     decodes = []
-    read_archive = data._read_archive
-    monkeypatch.setattr(data, "_read_archive", lambda *a: decodes.append(a) or read_archive(*a))
+    read_archive = data_readers.read_archive
+    monkeypatch.setattr(
+        data_readers, "read_archive", lambda *a: decodes.append(a) or read_archive(*a)
+    )
 
     _assert_same(data.load_cifar10(path, cache_dir=cache), expected)
     (cached,) = cache.glob("*.npz")

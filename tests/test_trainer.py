@@ -17,7 +17,7 @@ from PIL import Image
 from train import cifar
 from train.checkpoint import Checkpointer
 from train.config import Config, make_optimizer
-from train.trainer import _init_model, train_and_evaluate
+from train.trainer import init_model, train_and_evaluate
 
 TINY = [
     "--data=synthetic",
@@ -38,7 +38,7 @@ def tiny_config(**overrides) -> Config:
 
 
 def _final_state(workdir: Path, config: Config, steps_per_epoch: int):
-    _, params, stats = _init_model(config, 10)
+    _, params, stats = init_model(config, 10)
     target = {
         "params": params,
         "batch_stats": stats,
@@ -226,6 +226,12 @@ def test_help_runs_without_jax():
     assert "--opt" in out and "--max-steps" in out and "--recipe" in out
 
 
+def test_importing_the_trainer_does_not_load_matplotlib():
+    script = "import sys, train.trainer; assert 'matplotlib' not in sys.modules, 'matplotlib'"
+    root = Path(__file__).resolve().parents[1]  # this checkout's train, not an installed one
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=root)
+
+
 def test_sharded_run_equals_single_device_run(tmp_path):
     # Plain SGD with a small rate over three steps: the rounding differences of the sharded
     # sums stay small. (Adam's normalised first steps, large rates, or longer runs of this
@@ -240,7 +246,7 @@ def test_sharded_run_equals_single_device_run(tmp_path):
         import pathlib
         import jax, numpy as np
         from tests.test_trainer import tiny_config, _final_state
-        from train.trainer import _init_model, train_and_evaluate
+        from train.trainer import init_model, train_and_evaluate
         assert len(jax.devices()) == 4
         moves = []
         for n in (1, 4):
@@ -251,7 +257,7 @@ def test_sharded_run_equals_single_device_run(tmp_path):
             workdir = pathlib.Path("{tmp_path}") / str(n)
             train_and_evaluate(config, workdir)
             _, state = _final_state(workdir, config, 3)
-            initial = _init_model(config, 10)[1]
+            initial = init_model(config, 10)[1]
             moves.append(jax.tree.map(lambda a, b: np.asarray(a) - b, state["params"], initial))
             assert max(np.abs(m).max() for m in jax.tree.leaves(moves[-1])) > 1e-4
         for a, b in zip(*map(jax.tree.leaves, moves)):

@@ -2,8 +2,8 @@
 
 A run directory holds ``config.json`` (with at least ``opt`` and ``model``),
 ``metrics.jsonl`` (one JSON object per epoch) and, for SWATS runs, ``switches.csv``
-(``layer,step,sgd_lr``). Figures are drawn with Matplotlib's Agg canvas, so no display
-is needed. From the command line::
+(``layer,step,sgd_lr``), both read through :mod:`train.metrics`. Figures are drawn with
+Matplotlib's Agg canvas, so no display is needed. From the command line::
 
     python -m train.plots runs/swats runs/adam runs/sgd --out test_accuracy.png
     python -m train.plots runs/swats --out switches.png --switches
@@ -12,57 +12,21 @@ is needed. From the command line::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-logger = logging.getLogger(__name__)
+from train import metrics
 
 # Beyond this many layers, tick labels would overlap: the axis shows indices instead.
 MAX_LABELLED_LAYERS = 70
-
-
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads a run's ``metrics.jsonl``, one dict per line.
-
-    A last line that does not parse, as left by a crash mid-write, is ignored with a
-    logged warning.
-
-    Raises:
-      ValueError: the file is missing, or a line before the last is not a JSON object.
-    """
-    path = Path(workdir) / "metrics.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: {error.strerror or error}") from error
-    while lines and not lines[-1].strip():
-        lines.pop()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                logger.warning("%s: ignoring the truncated last line %d", path, number)
-                break
-            raise ValueError(f"{path}, line {number}: not JSON ({error})") from error
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {number}: expected a JSON object")
-        records.append(record)
-    return records
 
 
 def plot_runs(
@@ -130,7 +94,13 @@ def plot_switches(workdir: str | os.PathLike, output: str | os.PathLike) -> Path
     Raises:
       ValueError: ``switches.csv`` is missing or malformed, or a rate is not positive.
     """
-    layers, steps, rates = _read_switches(Path(workdir) / "switches.csv")
+    rows = metrics.read_switch_table(workdir)
+    layers = [layer for layer, _, _ in rows]
+    steps = [step for _, step, _ in rows]
+    rates = np.asarray([rate for _, _, rate in rows])
+    if not np.all(rates > 0):
+        path = Path(workdir) / "switches.csv"
+        raise ValueError(f"{path}: SGD rates must be positive to be coloured by log10")
     figure = Figure(figsize=(8, max(4.0, 1.5 + 0.16 * len(layers))), layout="constrained")
     axes = figure.add_subplot()
     if layers:
@@ -198,7 +168,7 @@ def _default_labels(workdirs: list[Path]) -> list[str]:
 
 def _series(workdir: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Epochs and values of ``metric``, sorted by epoch, the last record of an epoch winning."""
-    records = read_metrics(workdir)
+    records = metrics.read_metrics(workdir)
     path = workdir / "metrics.jsonl"
     if not records:
         raise ValueError(f"{path} has no epoch yet")
@@ -210,23 +180,6 @@ def _series(workdir: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
         by_epoch[record["epoch"]] = record[metric]
     epochs = sorted(by_epoch)
     return np.asarray(epochs), np.asarray([by_epoch[e] for e in epochs], dtype=float)
-
-
-def _read_switches(path: Path) -> tuple[list[str], list[int], np.ndarray]:
-    try:
-        with path.open(newline="") as file:
-            rows = list(csv.DictReader(file))
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: {error.strerror or error}") from error
-    try:
-        layers = [row["layer"] for row in rows]
-        steps = [int(row["step"]) for row in rows]
-        rates = np.asarray([float(row["sgd_lr"]) for row in rows])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: expected the columns layer,step,sgd_lr ({error})") from error
-    if not np.all(rates > 0):
-        raise ValueError(f"{path}: SGD rates must be positive to be coloured by log10")
-    return layers, steps, rates
 
 
 def _save(figure: Figure, output: str | os.PathLike) -> Path:

@@ -11,7 +11,6 @@ parameters and optimizer state are replicated; for several hosts, call
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -30,29 +29,17 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 import swats_jax
 from train import data as data_lib
-from train import models, plots
+from train import metrics as metrics_lib
+from train import models
 from train.checkpoint import Checkpointer
 from train.config import Config, make_optimizer
+from train.metrics import MetricsError as MetricsError  # re-exported: train.cifar catches it
 
 log = logging.getLogger(__name__)
-
-METRICS_FIELDS = (
-    "epoch",
-    "step",
-    "train_loss",
-    "train_accuracy",
-    "test_loss",
-    "test_accuracy",
-    "learning_rate",
-    "sgd_scale",
-    "num_switched",
-    "epoch_time_s",
-    "images_per_s",
-    "complete",
-)
 
 
 class ConfigMismatchError(ValueError):
@@ -60,14 +47,24 @@ class ConfigMismatchError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Model:
-    """A model split into its static graph and its parameter / batch-statistic templates."""
+class Model:
+    """A Flax NNX model split into its static graph and its state templates.
+
+    The training loop carries parameters and batch statistics as plain nested dicts
+    (``nnx.to_pure_dict``); :meth:`merge` turns them back into a callable module.
+
+    Attributes:
+      graphdef: the static graph of ``nnx.split``.
+      param_template: the ``nnx.Param`` state the parameters are poured into.
+      stats_template: the ``nnx.BatchStat`` state the batch statistics are poured into.
+    """
 
     graphdef: Any
     param_template: Any
     stats_template: Any
 
-    def merge(self, params, stats):
+    def merge(self, params: dict, stats: dict) -> nnx.Module:
+        """The module with ``params`` and ``stats``; the templates are left unchanged."""
         param_state = jax.tree.map(lambda x: x, self.param_template)
         stats_state = jax.tree.map(lambda x: x, self.stats_template)
         nnx.replace_by_pure_dict(param_state, params)
@@ -75,7 +72,20 @@ class _Model:
         return nnx.merge(self.graphdef, param_state, stats_state)
 
 
-def _init_model(config: Config, num_classes: int) -> tuple[_Model, dict, dict]:
+def init_model(config: Config, num_classes: int) -> tuple[Model, dict, dict]:
+    """Creates and initialises ``config.model`` as the trainer does.
+
+    Deterministic given ``config`` (its ``model``, ``width``, ``dtype`` and ``seed``) and
+    ``num_classes``: this rebuilds a run's starting point, or a target to restore its
+    checkpoints into.
+
+    Args:
+      config: the run's configuration.
+      num_classes: size of the output layer.
+
+    Returns:
+      The ``Model``, and its initial parameters and batch statistics as nested dicts.
+    """
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     # The rbg PRNG compiles one initialiser per shape much faster than threefry on CPU.
     rngs = nnx.Rngs(jax.random.key(config.seed, impl="rbg"))
@@ -83,11 +93,11 @@ def _init_model(config: Config, num_classes: int) -> tuple[_Model, dict, dict]:
         config.model, num_classes=num_classes, width=config.width, dtype=dtype, rngs=rngs
     )
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    template = _Model(graphdef, params, stats)
+    template = Model(graphdef, params, stats)
     return template, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
-def _make_steps(model: _Model, optimizer: optax.GradientTransformation, batch_sharding):
+def _make_steps(model: Model, optimizer: optax.GradientTransformation, batch_sharding):
     """The jitted functions of the loop: a chunk of training steps and the evaluation."""
 
     def loss_fn(params, stats, images, labels):
@@ -157,54 +167,6 @@ def _eval_batches(images: np.ndarray, labels: np.ndarray, batch: int, multiple: 
     return images.reshape(*shape, *images.shape[1:]), labels.reshape(shape), mask.reshape(shape)
 
 
-class MetricsError(ValueError):
-    """The workdir's ``metrics.jsonl`` cannot be read."""
-
-
-class _MetricsLog:
-    """``metrics.jsonl`` (appended per epoch) and ``metrics.csv`` (rewritten from it)."""
-
-    def __init__(self, workdir: Path):
-        self.jsonl = workdir / "metrics.jsonl"
-        self.csv = workdir / "metrics.csv"
-
-    def records(self) -> list[dict[str, Any]]:
-        """The records so far; none before the first epoch.
-
-        Raises:
-          MetricsError: a line before the last does not parse. The run stops rather than
-            rewrite the file without it.
-        """
-        if not self.jsonl.exists():
-            return []
-        try:
-            return plots.read_metrics(self.jsonl.parent)
-        except ValueError as err:
-            raise MetricsError(f"{err}; repair or move the file to continue the run") from err
-
-    def keep_epochs_up_to(self, epoch: int) -> None:
-        """Drops records past ``epoch`` (after resuming from its checkpoint)."""
-        self._write([r for r in self.records() if r["epoch"] <= epoch and r["complete"]])
-
-    def append(self, record: dict[str, Any]) -> None:
-        self._write([*self.records(), record])
-
-    def _write(self, records: list[dict[str, Any]]) -> None:
-        tmp = self.jsonl.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, self.jsonl)
-        with self.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
-            writer.writeheader()
-            writer.writerows(records)
-
-
-def _write_switch_table(workdir: Path, opt_state: Any) -> None:
-    events = swats_jax.switch_events(opt_state)
-    (workdir / "switches.md").write_text(swats_jax.format_switch_table(events))
-    (workdir / "switches.csv").write_text(swats_jax.format_switch_table(events, "csv"))
-
-
 def _check_config(workdir: Path, config: Config) -> None:
     """Refuses to resume a run made with a different configuration."""
     path = workdir / "config.json"
@@ -231,12 +193,9 @@ def _write_config(workdir: Path, config: Config) -> None:
     path.write_text(json.dumps({**config.to_json(), "workdir": str(workdir)}, indent=2) + "\n")
 
 
-def _progress(total: int, epoch: int):
+def _progress(total: int, epoch: int) -> tqdm | None:
+    """A progress bar over the steps of an epoch, on a terminal only."""
     if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
         return None
     return tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=False)
 
@@ -261,6 +220,7 @@ def train_and_evaluate(
     Raises:
       train.data.DatasetError: the dataset cannot be loaded.
       ConfigMismatchError: ``workdir`` holds a run with another configuration.
+      train.metrics.MetricsError: ``workdir`` holds a ``metrics.jsonl`` that cannot be read.
       train.checkpoint.CheckpointError: checkpoints exist but none can be restored.
     """
     workdir = Path(workdir)
@@ -294,7 +254,7 @@ def train_and_evaluate(
     if steps_per_epoch == 0:
         raise ValueError(f"{num_train} training images are fewer than one batch")
 
-    model, params, stats = _init_model(config, dataset.num_classes)
+    model, params, stats = init_model(config, dataset.num_classes)
     setup = make_optimizer(config, steps_per_epoch)
     opt_state = setup.optimizer.init(params)
     train_chunk, evaluate = _make_steps(model, setup.optimizer, batch_sharding)
@@ -309,7 +269,7 @@ def train_and_evaluate(
     shuffle_key, aug_key = jax.random.split(jax.random.key(config.seed + 1))
 
     state = {"params": params, "batch_stats": stats, "opt_state": opt_state}
-    metrics = _MetricsLog(workdir)
+    metrics = metrics_lib.MetricsLog(workdir)
     start_epoch = 0
     with Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints) as checkpointer:
         restored = checkpointer.restore_latest(state)
@@ -374,7 +334,7 @@ def train_and_evaluate(
             }
             metrics.append(record)
             if config.opt.startswith("swats"):
-                _write_switch_table(workdir, opt_state)
+                metrics_lib.write_switch_table(workdir, swats_jax.switch_events(opt_state))
             if complete:
                 checkpointer.save(
                     epoch, {"params": params, "batch_stats": stats, "opt_state": opt_state}
@@ -399,6 +359,8 @@ def _rounded(value: Any) -> float:
 
 
 def _plot(workdir: Path) -> None:
+    from train import plots  # here, so that importing the trainer does not load Matplotlib
+
     try:
         plots.plot_runs([workdir], workdir / "test_accuracy.png")
     except (ValueError, OSError) as err:  # a plot is a convenience: never lose a run to it

@@ -1,0 +1,158 @@
+"""A run's logs on disk: its metrics per epoch and its SWATS switch table.
+
+A run directory holds ``metrics.jsonl`` (one JSON object per epoch, appended as the run
+goes) with ``metrics.csv`` (the same records, rewritten from it each epoch), and for SWATS
+runs ``switches.md`` / ``switches.csv`` (the per-layer table of
+:func:`swats_jax.format_switch_table`, whose CSV columns are ``layer,step,sgd_lr``).
+The trainer writes them through :class:`MetricsLog` and :func:`write_switch_table`;
+``train.plots`` reads them through :func:`read_metrics` and :func:`read_switch_table`.
+Reading needs neither JAX nor Matplotlib.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from swats_jax import SwitchEvent
+
+logger = logging.getLogger(__name__)
+
+METRICS_FIELDS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "learning_rate",
+    "sgd_scale",
+    "num_switched",
+    "epoch_time_s",
+    "images_per_s",
+    "complete",
+)
+
+
+class MetricsError(ValueError):
+    """A run's ``metrics.jsonl`` or ``switches.csv`` cannot be read."""
+
+
+def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Reads a run's ``metrics.jsonl``, one dict per line.
+
+    A last line that does not parse, as left by a crash mid-write, is ignored with a
+    logged warning.
+
+    Raises:
+      MetricsError: the file is missing, or a line before the last is not a JSON object.
+    """
+    path = Path(workdir) / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise MetricsError(f"cannot read {path}: {error.strerror or error}") from error
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                logger.warning("%s: ignoring the truncated last line %d", path, number)
+                break
+            raise MetricsError(f"{path}, line {number}: not JSON ({error})") from error
+        if not isinstance(record, dict):
+            raise MetricsError(f"{path}, line {number}: expected a JSON object")
+        records.append(record)
+    return records
+
+
+class MetricsLog:
+    """The metrics of a run being trained: ``metrics.jsonl`` and ``metrics.csv``.
+
+    ``metrics.jsonl`` is replaced atomically on every write, and ``metrics.csv`` rewritten
+    from the same records with the columns ``METRICS_FIELDS``.
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str]):
+        workdir = Path(workdir)
+        self.jsonl = workdir / "metrics.jsonl"
+        self.csv = workdir / "metrics.csv"
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records so far; none before the first epoch.
+
+        Raises:
+          MetricsError: a line before the last does not parse. The run stops rather than
+            rewrite the file without it.
+        """
+        if not self.jsonl.exists():
+            return []
+        try:
+            return read_metrics(self.jsonl.parent)
+        except MetricsError as err:
+            raise MetricsError(f"{err}; repair or move the file to continue the run") from err
+
+    def keep_epochs_up_to(self, epoch: int) -> None:
+        """Drops the records past ``epoch``, and incomplete ones (after resuming from
+        the checkpoint of ``epoch``)."""
+        self._write([r for r in self.records() if r["epoch"] <= epoch and r["complete"]])
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Adds the record of one epoch, with the keys ``METRICS_FIELDS``."""
+        self._write([*self.records(), record])
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.jsonl.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.jsonl)
+        with self.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
+            writer.writeheader()
+            writer.writerows(records)
+
+
+def write_switch_table(workdir: str | os.PathLike[str], events: list[SwitchEvent]) -> None:
+    """Writes ``switches.md`` and ``switches.csv`` in ``workdir``.
+
+    Args:
+      workdir: the run directory.
+      events: as :func:`swats_jax.switch_events` returns them.
+    """
+    # Imported here, where the caller has JAX loaded already, so that reading a run does not.
+    from swats_jax import format_switch_table
+
+    workdir = Path(workdir)
+    (workdir / "switches.md").write_text(format_switch_table(events))
+    (workdir / "switches.csv").write_text(format_switch_table(events, "csv"))
+
+
+def read_switch_table(workdir: str | os.PathLike[str]) -> list[tuple[str, int, float]]:
+    """Reads a run's ``switches.csv``.
+
+    Returns:
+      One ``(layer, step, sgd_lr)`` per switched layer, in the order of the file (by
+      switch step).
+
+    Raises:
+      MetricsError: the file is missing or lacks the columns ``layer,step,sgd_lr``.
+    """
+    path = Path(workdir) / "switches.csv"
+    try:
+        with path.open(newline="") as file:
+            rows = list(csv.DictReader(file))
+    except OSError as error:
+        raise MetricsError(f"cannot read {path}: {error.strerror or error}") from error
+    try:
+        return [(row["layer"], int(row["step"]), float(row["sgd_lr"])) for row in rows]
+    except (KeyError, TypeError, ValueError) as error:
+        raise MetricsError(f"{path}: expected the columns layer,step,sgd_lr ({error})") from error
