@@ -1,9 +1,18 @@
-"""Training configuration and the optimizer recipes of the published SWATS runs."""
+"""The run configuration, defined once, and the optimizer recipes of the published runs.
+
+Every run option is one field of :class:`Config`. Its metadata holds the help text of its
+``python -m train.cifar`` flag, its choices where it has some, and whether it may change
+when a run resumes in the same workdir: the command line (``train.cifar``) and the resume
+check (``train.trainer``) follow the fields, so a new option needs nothing but its field
+here.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+import typing
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optax
@@ -14,6 +23,7 @@ OPTIMIZERS = ("swats_local", "swats_global", "adabound", "adam", "sgd")
 MODELS = ("resnet18", "densenet121")
 RECIPES = ("reference", "none")
 DTYPES = ("float32", "bfloat16")
+SWATS_MOMENTA = ("paper", "reference")
 
 # Final CIFAR-10 test accuracy (%) of the published 200-epoch runs that the reference
 # recipes target, by (model, opt): SWATS from the local-switch study's reference code
@@ -28,66 +38,114 @@ PUBLISHED_TEST_ACCURACY = {
 }
 
 
+def _option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    may_change_on_resume: bool = False,
+    metavar: tuple[str, ...] | None = None,
+) -> Any:
+    """A :class:`Config` field, with what the command line and the resume check need.
+
+    Args:
+      default: the field's default.
+      help: the help text of its flag (without the default, which ``--help`` adds).
+      choices: the values it may take (``None`` too where its type allows it).
+      may_change_on_resume: a run resumed in the same workdir may give it another value;
+        otherwise the trainer refuses to resume with a different one.
+      metavar: the names of the values of a tuple field, as ``--help`` shows them.
+    """
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "may_change_on_resume": may_change_on_resume,
+        "metavar": metavar,
+    }
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that defines a run (``workdir`` aside). Saved as ``config.json``.
 
-    Attributes:
-      opt: one of ``OPTIMIZERS``.
-      model: ``"resnet18"`` or ``"densenet121"``.
-      epochs: number of epochs (the published runs use 200).
-      batch_size: training batch size (128 in the published runs).
-      lr: Adam-phase (or base) learning rate; ``None`` takes the recipe's.
-      recipe: ``"reference"`` (the published phase schedules, see :func:`make_optimizer`)
-        or ``"none"`` (constant rates).
-      swats_momentum: SGD recursion of ``swats_global``; ``None`` lets the recipe choose
-        (``"reference"`` under the reference recipe, as the published global runs
-        were made with it, else ``"paper"``).
-      data: ``"cifar10"``, ``"synthetic"`` or a folder/archive path (see ``train.data``).
-      dtype: compute dtype, ``"float32"`` or ``"bfloat16"`` (parameters stay float32).
-      seed: seed of initialisation, shuffling and augmentation.
-      max_steps: stop after this many optimizer steps (smoke runs); ``None`` for no limit.
-      width: model width override (ResNet base width / DenseNet growth rate), for tests.
-      eval_batch_size: test-set batch size.
-      chunk_steps: training steps per compiled ``lax.scan`` chunk (one host dispatch);
-        ``None`` for 100 on accelerators and 1 on CPU, where XLA runs convolutions inside
-        loops many times slower (``benchmarks/cpu_chunking.py``: 16x, docs/benchmarks.md).
-      keep_checkpoints: number of epoch checkpoints kept.
-      cache_dir: where downloads and decoded datasets are cached.
-      synthetic_size: numbers of train and test images of ``data="synthetic"``.
-      num_devices: data-parallel over the first N local devices; ``None`` for all.
+    Each field's meaning is its ``help`` metadata (``python -m train.cifar --help``).
     """
 
-    opt: str = "swats_local"
-    model: str = "resnet18"
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float | None = None
-    recipe: str = "reference"
-    swats_momentum: str | None = None
-    data: str = "cifar10"
-    dtype: str = "float32"
-    seed: int = 0
-    max_steps: int | None = None
-    width: int | None = None
-    eval_batch_size: int = 1000
-    chunk_steps: int | None = None
-    keep_checkpoints: int = 3
-    cache_dir: str | None = None
-    synthetic_size: tuple[int, int] = (1024, 256)
-    num_devices: int | None = None
+    opt: str = _option("swats_local", "optimizer", choices=OPTIMIZERS)
+    model: str = _option("resnet18", "model (CIFAR variants)", choices=MODELS)
+    epochs: int = _option(
+        200, "number of epochs (the published runs use 200)", may_change_on_resume=True
+    )
+    batch_size: int = _option(128, "training batch size (128 in the published runs)")
+    lr: float | None = _option(
+        None, "Adam-phase (or base) learning rate; unset: the recipe's (1e-3; sgd: 0.1)"
+    )
+    recipe: str = _option(
+        "reference",
+        "'reference': the phase schedules of the published runs; 'none': constant rates",
+        choices=RECIPES,
+    )
+    swats_momentum: str | None = _option(
+        None,
+        "SGD recursion of swats_global; unset: 'reference' under the reference recipe (as "
+        "in the published global runs), else 'paper'",
+        choices=SWATS_MOMENTA,
+    )
+    data: str = _option(
+        "cifar10",
+        "'cifar10' (downloaded and cached), 'synthetic', or a folder/archive in the "
+        "cifar-10-batches-py or train/<class>/ image-folder layout",
+    )
+    dtype: str = _option("float32", "compute dtype (parameters stay float32)", choices=DTYPES)
+    seed: int = _option(0, "seed of initialisation, shuffling and augmentation")
+    max_steps: int | None = _option(
+        None,
+        "stop after this many optimizer steps (smoke runs); unset: no limit",
+        may_change_on_resume=True,
+    )
+    width: int | None = _option(
+        None,
+        "model width override (ResNet base width / DenseNet growth rate), for tests and "
+        "smoke runs; unset: the published width",
+    )
+    eval_batch_size: int = _option(1000, "test-set batch size")
+    chunk_steps: int | None = _option(
+        None,
+        "training steps per compiled lax.scan chunk (one host dispatch); unset: 100 on "
+        "GPU/TPU, 1 on CPU, where XLA runs convolutions inside loops many times slower "
+        "(docs/benchmarks.md)",
+        may_change_on_resume=True,
+    )
+    keep_checkpoints: int = _option(3, "number of epoch checkpoints kept")
+    cache_dir: str | None = _option(
+        None,
+        "where downloads and decoded datasets are cached; unset: ~/.cache/swats_jax",
+        may_change_on_resume=True,
+    )
+    synthetic_size: tuple[int, int] = _option(
+        (1024, 256),
+        "numbers of train and test images of the 'synthetic' data",
+        metavar=("TRAIN", "TEST"),
+    )
+    num_devices: int | None = _option(
+        None,
+        "data parallel over the first NUM_DEVICES local devices; unset: all",
+        may_change_on_resume=True,
+    )
 
     def __post_init__(self):
-        choices = {
-            "opt": OPTIMIZERS,
-            "model": MODELS,
-            "recipe": RECIPES,
-            "dtype": DTYPES,
-            "swats_momentum": (None, "paper", "reference"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        types = field_types()
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            # Lists from JSON, argparse (nargs) or papermill parameters become tuples.
+            if typing.get_origin(types[field.name]) is tuple and isinstance(value, list):
+                object.__setattr__(self, field.name, tuple(value))
+            choices = field.metadata["choices"]
+            if choices is not None:
+                allowed = (None, *choices) if is_optional(types[field.name]) else choices
+                if value not in allowed:
+                    raise ValueError(f"{field.name} must be one of {allowed}, got {value!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "chunk_steps", "keep_checkpoints"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -96,8 +154,35 @@ class Config:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], **overrides: Any) -> Config:
+        """The configuration of the fields named in ``values`` (other names are ignored),
+        then ``overrides``; fields in neither keep their defaults.
+
+        For a notebook whose parameters are the fields: ``Config.from_values(globals())``.
+        """
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """The annotations of :class:`Config`'s fields, evaluated (``int | None``, ...)."""
+    return typing.get_type_hints(Config)
+
+
+def is_optional(annotation: Any) -> bool:
+    """Whether ``annotation`` allows ``None`` (``X | None``)."""
+    return type(None) in typing.get_args(annotation)
+
+
+# The fields a run resumed in the same workdir may change (train.trainer checks the others).
+MAY_CHANGE_ON_RESUME = frozenset(
+    field.name for field in dataclasses.fields(Config) if field.metadata["may_change_on_resume"]
+)
 
 
 @dataclasses.dataclass(frozen=True)
