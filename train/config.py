@@ -5,6 +5,9 @@ Every run option is one field of :class:`Config`. Its metadata holds the help te
 when a run resumes in the same workdir: the command line (``train.cifar``) and the resume
 check (``train.trainer``) follow the fields, so a new option needs nothing but its field
 here.
+
+This module does not import JAX, so that ``--help`` and flag errors answer without loading
+it: :func:`make_optimizer` imports Optax and ``swats_jax`` when it runs.
 """
 
 from __future__ import annotations
@@ -13,29 +16,16 @@ import dataclasses
 import functools
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optax
-
-import swats_jax
+if TYPE_CHECKING:
+    import optax
 
 OPTIMIZERS = ("swats_local", "swats_global", "adabound", "adam", "sgd")
 MODELS = ("resnet18", "densenet121")
 RECIPES = ("reference", "none")
 DTYPES = ("float32", "bfloat16")
 SWATS_MOMENTA = ("paper", "reference")
-
-# Final CIFAR-10 test accuracy (%) of the published 200-epoch runs that the reference
-# recipes target, by (model, opt): SWATS from the local-switch study's reference code
-# (AnirudhMaiya/Rethinking-SWATS-Optimizer), AdaBound from Luo et al., ICLR 2019.
-PUBLISHED_TEST_ACCURACY = {
-    ("resnet18", "swats_global"): 92.89,
-    ("resnet18", "swats_local"): 94.13,
-    ("resnet18", "adabound"): 93.0,
-    ("densenet121", "swats_global"): 93.30,
-    ("densenet121", "swats_local"): 94.62,
-    ("densenet121", "adabound"): 93.36,
-}
 
 
 def _option(
@@ -186,6 +176,76 @@ MAY_CHANGE_ON_RESUME = frozenset(
 
 
 @dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The ``reference`` recipe of one optimizer (on one model).
+
+    Attributes:
+      lr: the Adam-phase (or base) learning rate, unless ``Config.lr`` sets another; also
+        the constant rate of ``recipe="none"``.
+      lr_changes: ``{epoch: factor}``: from the start of each ``epoch`` (1-based) on, the
+        learning rate is multiplied by ``factor``.
+      sgd_scale_changes: the same for the SGD-phase rate of SWATS.
+      swats_momentum: the SGD recursion of ``swats_global`` (``Config.swats_momentum``
+        unset).
+      published: the final CIFAR-10 test accuracy (%) of the published 200-epoch run that
+        the recipe reproduces; ``None`` for the baselines.
+    """
+
+    lr: float
+    lr_changes: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    sgd_scale_changes: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    swats_momentum: str | None = None
+    published: float | None = None
+
+
+# The reference recipes by (opt, model); model None: the same on every model. CIFAR-10,
+# batch 128, 391 steps per epoch, 200 epochs in the published runs. SWATS: the local-switch
+# study's reference code (AnirudhMaiya/Rethinking-SWATS-Optimizer), after Keskar & Socher
+# 2017 (arXiv:1712.07628); AdaBound: Luo et al., ICLR 2019 (final_lr 0.1, bounds scaled with
+# the rate); adam and sgd: common baselines outside the published comparison. See
+# docs/algorithm.md, "Recipes".
+REFERENCE_RECIPES: dict[tuple[str, str | None], Recipe] = {
+    ("swats_local", "resnet18"): Recipe(
+        1e-3, lr_changes={100: 0.1}, sgd_scale_changes={75: 0.1, 150: 0.1}, published=94.13
+    ),
+    ("swats_local", "densenet121"): Recipe(
+        1e-3, lr_changes={100: 0.1}, sgd_scale_changes={75: 0.1, 150: 0.1}, published=94.62
+    ),
+    ("swats_global", "resnet18"): Recipe(
+        1e-3, sgd_scale_changes={100: 0.1}, swats_momentum="reference", published=92.89
+    ),
+    ("swats_global", "densenet121"): Recipe(
+        1e-3, sgd_scale_changes={150: 0.1}, swats_momentum="reference", published=93.30
+    ),
+    ("adabound", "resnet18"): Recipe(1e-3, lr_changes={101: 0.1}, published=93.0),
+    ("adabound", "densenet121"): Recipe(1e-3, lr_changes={151: 0.1}, published=93.36),
+    ("adam", None): Recipe(1e-3),
+    ("sgd", None): Recipe(0.1, lr_changes={100: 0.1, 150: 0.1}),
+}
+
+# Final CIFAR-10 test accuracy (%) of the published runs, by (model, opt).
+PUBLISHED_TEST_ACCURACY: dict[tuple[str, str], float] = {
+    (model, opt): recipe.published
+    for (opt, model), recipe in REFERENCE_RECIPES.items()
+    if recipe.published is not None
+}
+
+
+def reference_recipe(opt: str, model: str) -> Recipe:
+    """The reference recipe of ``opt`` on ``model``.
+
+    Raises:
+      ValueError: ``opt`` is not one of ``OPTIMIZERS``, or has no recipe for ``model``.
+    """
+    if opt not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {opt!r}; known: {', '.join(OPTIMIZERS)}")
+    recipe = REFERENCE_RECIPES.get((opt, model), REFERENCE_RECIPES.get((opt, None)))
+    if recipe is None:
+        raise ValueError(f"no reference recipe of {opt!r} for model {model!r}")
+    return recipe
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerSetup:
     """The optimizer of a run and the schedules it follows, for logging."""
 
@@ -194,13 +254,17 @@ class OptimizerSetup:
     sgd_scale: Callable[[int], Any]
 
 
-def _from_epochs(steps_per_epoch: int, value: float, changes: dict[int, float]) -> optax.Schedule:
+def _from_epochs(steps_per_epoch: int, value: float, changes: Mapping[int, float]):
     """A piecewise-constant schedule: ``value`` times ``factor`` from the start of each epoch.
 
     Epoch ``e`` (1-based) covers optimizer counts ``(e - 1) * steps_per_epoch`` to
     ``e * steps_per_epoch - 1``, so a change "from epoch e" happens at count
-    ``(e - 1) * steps_per_epoch``.
+    ``(e - 1) * steps_per_epoch``. Without changes, a constant schedule.
     """
+    import optax
+
+    if not changes:
+        return optax.constant_schedule(value)
     boundaries = {(epoch - 1) * steps_per_epoch: factor for epoch, factor in changes.items()}
     return optax.piecewise_constant_schedule(value, boundaries)
 
@@ -208,9 +272,9 @@ def _from_epochs(steps_per_epoch: int, value: float, changes: dict[int, float]) 
 def make_optimizer(config: Config, steps_per_epoch: int) -> OptimizerSetup:
     """Builds the optimizer of ``config``, with the recipe's schedules.
 
-    The ``reference`` recipes (CIFAR-10, batch 128, 391 steps per epoch in the published
-    runs; ``../shared/docs/SWATS_SPEC.md`` section 6), targeting these final test
-    accuracies (ResNet-18 / DenseNet-121):
+    The ``reference`` recipes (:data:`REFERENCE_RECIPES`; CIFAR-10, batch 128, 391 steps
+    per epoch in the published runs), targeting these final test accuracies
+    (ResNet-18 / DenseNet-121):
 
     - ``swats_local``: SGD-phase rates /10 from epoch 75 and /100 from epoch 150;
       Adam-phase lr 1e-3, 1e-4 from epoch 100. Published: 94.13 / 94.62.
@@ -222,35 +286,39 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> OptimizerSetup:
     - ``sgd``: lr 0.1, momentum 0.9, x0.1 from epochs 100 and 150 (a common CIFAR
       baseline; not part of the published table).
 
-    With ``recipe="none"`` every rate is constant.
-    """
-    reference = config.recipe == "reference"
-    default_lr = 0.1 if config.opt == "sgd" else 1e-3
-    lr_value = config.lr if config.lr is not None else default_lr
-    constant = optax.constant_schedule
-    lr = constant(lr_value)
-    scale = constant(1.0)
-    densenet = config.model == "densenet121"
-    at = steps_per_epoch
+    ``config.lr`` replaces the initial rate (the changes apply to it). With
+    ``recipe="none"`` every rate is constant and ``swats_global`` uses the paper's SGD
+    recursion (unless ``config.swats_momentum`` says otherwise).
 
-    if config.opt == "swats_local":
-        if reference:
-            lr = _from_epochs(at, lr_value, {100: 0.1})
-            scale = _from_epochs(at, 1.0, {75: 0.1, 150: 0.1})
-        optimizer = swats_jax.swats_local(learning_rate=lr, sgd_scale=scale)
-    elif config.opt == "swats_global":
-        if reference:
-            scale = _from_epochs(at, 1.0, {150 if densenet else 100: 0.1})
-        momentum = config.swats_momentum or ("reference" if reference else "paper")
-        optimizer = swats_jax.swats_global(learning_rate=lr, sgd_scale=scale, momentum=momentum)
-    elif config.opt == "adabound":
-        if reference:
-            lr = _from_epochs(at, lr_value, {151 if densenet else 101: 0.1})
-        optimizer = swats_jax.adabound(learning_rate=lr, final_lr=0.1, base_lr=lr_value)
-    elif config.opt == "adam":
-        optimizer = optax.adam(lr)
+    Raises:
+      ValueError: ``config.opt`` is not a known optimizer.
+    """
+    import optax  # here rather than at the top: see the module docstring
+
+    import swats_jax
+
+    recipe = reference_recipe(config.opt, config.model)
+    lr_value = config.lr if config.lr is not None else recipe.lr
+    if config.recipe == "reference":
+        lr = _from_epochs(steps_per_epoch, lr_value, recipe.lr_changes)
+        scale = _from_epochs(steps_per_epoch, 1.0, recipe.sgd_scale_changes)
+        momentum = config.swats_momentum or recipe.swats_momentum
     else:
-        if reference:
-            lr = _from_epochs(at, lr_value, {100: 0.1, 150: 0.1})
-        optimizer = optax.sgd(lr, momentum=0.9)
+        lr = optax.constant_schedule(lr_value)
+        scale = optax.constant_schedule(1.0)
+        momentum = config.swats_momentum or "paper"
+
+    match config.opt:
+        case "swats_local":
+            optimizer = swats_jax.swats_local(learning_rate=lr, sgd_scale=scale)
+        case "swats_global":
+            optimizer = swats_jax.swats_global(learning_rate=lr, sgd_scale=scale, momentum=momentum)
+        case "adabound":
+            optimizer = swats_jax.adabound(learning_rate=lr, final_lr=0.1, base_lr=lr_value)
+        case "adam":
+            optimizer = optax.adam(lr)
+        case "sgd":
+            optimizer = optax.sgd(lr, momentum=0.9)
+        case _:  # a recipe without a constructor
+            raise ValueError(f"unknown optimizer {config.opt!r}; known: {', '.join(OPTIMIZERS)}")
     return OptimizerSetup(optimizer, lr, scale)
