@@ -48,7 +48,7 @@ def _other_value(field: dataclasses.Field):
     if annotation is int:
         return (field.default or 1) + 1
     if annotation is float:
-        return 0.5 if field.default is None else 2 * field.default
+        return 2 * (field.default or 0.25)
     if annotation is str:
         return "elsewhere"
     raise AssertionError(f"no test value for {field.name}: {annotation}; add one here")
@@ -75,6 +75,7 @@ def test_every_field_has_a_flag_with_its_default():
 @pytest.mark.parametrize("field", FIELDS, ids=lambda f: f.name)
 def test_every_flag_sets_its_field(field):
     value = _other_value(field)
+    assert value != field.default
     args = cifar._parser().parse_args(_argv(field, value))
     assert Config.from_values(vars(args)) == dataclasses.replace(Config(), **{field.name: value})
 
