@@ -5,10 +5,14 @@ configuration (synthetic data, a width-4 network, a few steps), the way a user o
 would run it headless.
 """
 
+import ast
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+
+from train.config import OPTIMIZERS, Config
 
 jupytext = pytest.importorskip("jupytext")
 papermill = pytest.importorskip("papermill")
@@ -72,6 +76,17 @@ def test_notebook_matches_its_jupytext_script(name):
 
     assert cells(notebook) == cells(script)
     assert notebook.metadata["jupytext"]["formats"] == "ipynb,py:percent"
+
+
+def test_cifar10_parameters_are_the_config_fields():
+    """Every run option is a parameter of the notebook, with the command line's default, so
+    that a new ``Config`` field cannot be left out of it."""
+    declared = papermill.inspect_notebook(str(COLAB / "swats_cifar10.ipynb"))
+    options = {field.name for field in dataclasses.fields(Config)} - {"opt"}  # `optimizers`
+    assert set(declared) == options | {"optimizers", "workdir"}
+    defaults = {name: ast.literal_eval(declared[name]["default"]) for name in options}
+    assert Config.from_values(defaults) == Config()
+    assert set(ast.literal_eval(declared["optimizers"]["default"])) <= set(OPTIMIZERS)
 
 
 def test_quickstart_runs(tmp_path):

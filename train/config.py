@@ -2,9 +2,10 @@
 
 Every run option is one field of :class:`Config`. Its metadata holds the help text of its
 ``python -m train.cifar`` flag, its choices where it has some, and whether it may change
-when a run resumes in the same workdir: the command line (``train.cifar``) and the resume
-check (``train.trainer``) follow the fields, so a new option needs nothing but its field
-here.
+when a run resumes in the same workdir: the command line (``train.cifar``), the resume
+check (``train.trainer``) and the parameters of ``colab/swats_cifar10.ipynb`` follow the
+fields, so a new option is its field here (and a line in the notebook's parameters cell,
+which ``tests/test_notebooks.py`` asks for).
 
 This module does not import JAX, so that ``--help`` and flag errors answer without loading
 it: :func:`make_optimizer` imports Optax and ``swats_jax`` when it runs.
