@@ -42,7 +42,7 @@ def _add_option(parser, field: dataclasses.Field) -> None:
         element_types = typing.get_args(annotation)
         kwargs["nargs"] = len(element_types)
         (annotation,) = set(element_types)  # one type for all the values
-    help_text = field.metadata["help"]
+    help_text = field.metadata["help"].replace("%", "%%")  # argparse formats help with %
     if field.metadata["may_change_on_resume"]:
         help_text += "; may change when a run resumes"
     parser.add_argument(
