@@ -8,6 +8,7 @@ would run it headless.
 import ast
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,17 @@ from train.config import OPTIMIZERS, Config
 jupytext = pytest.importorskip("jupytext")
 papermill = pytest.importorskip("papermill")
 
-COLAB = Path(__file__).resolve().parents[1] / "colab"
+ROOT = Path(__file__).resolve().parents[1]
+COLAB = ROOT / "colab"
 NOTEBOOKS = ["swats_quickstart", "swats_cifar10"]
+
+
+@pytest.fixture(autouse=True)
+def _kernels_import_this_checkout(monkeypatch):
+    """The kernels run in a temporary folder: without this they would import ``train`` and
+    ``swats_jax`` from wherever the package is installed, not from the code under test."""
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
 
 
 def _execute(name: str, output: Path, parameters: dict) -> dict:
