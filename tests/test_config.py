@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +122,10 @@ def test_help_and_flag_errors_do_not_load_jax(argv):
         "except SystemExit as exit:\n"
         "    print(exit.code, 'jax' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    root = Path(__file__).resolve().parents[1]  # imports this checkout's train
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=root
+    )
     assert result.stdout.splitlines()[-1] == ("0 False" if argv == ["--help"] else "2 False")
 
 
