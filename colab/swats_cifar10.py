@@ -34,17 +34,26 @@
 # notebook again with the same parameters: every run resumes from its last checkpoint.
 
 # %% tags=["parameters"]
-model = "resnet18"  # or "densenet121"
-optimizers = ["swats_local", "swats_global", "adabound"]  # also "adam", "sgd"
-epochs = 200  # the published runs use 200
-data = "cifar10"  # downloaded; a cifar-10-batches-py folder; an image-folder archive; "synthetic"
+optimizers = ["swats_local", "swats_global", "adabound"]  # one run each; also "adam", "sgd"
 workdir = None  # None: Google Drive on Colab (survives a disconnect), else ./runs
-dtype = "float32"  # or "bfloat16" compute
+# The options of every run, as in `python -m train.cifar --help` (train.config.Config):
+model = "resnet18"  # or "densenet121"
+epochs = 200  # the published runs use 200
 batch_size = 128
+lr = None  # Adam-phase (or base) learning rate; None: the recipe's
+recipe = "reference"  # the published phase schedules; "none": constant rates
+swats_momentum = None  # SGD recursion of swats_global ("paper", "reference"); None: the recipe's
+data = "cifar10"  # downloaded; a cifar-10-batches-py folder; an image-folder archive; "synthetic"
+dtype = "float32"  # or "bfloat16" compute
 seed = 0
 max_steps = None  # stop each run after this many steps (smoke runs)
 width = None  # a narrower model (ResNet base width / DenseNet growth rate), for quick looks
+eval_batch_size = 1000
+chunk_steps = None  # training steps per compiled chunk; None: 100 on GPU/TPU, 1 on CPU
+keep_checkpoints = 3  # epoch checkpoints kept per run
+cache_dir = None  # downloads and decoded data; None: ~/.cache/swats_jax
 synthetic_size = [1024, 256]  # train and test images of the synthetic data
+num_devices = None  # data parallel over the first N devices; None: all
 
 # %% [markdown]
 # ## Setup
@@ -111,7 +120,9 @@ print("runs:", *run_dirs.values(), sep="\n  ")
 # on the accelerator; augmentation runs inside the compiled training step.
 
 # %%
-dataset = data_lib.load_cifar10(data, synthetic_size=tuple(synthetic_size), seed=seed)
+dataset = data_lib.load_cifar10(
+    data, cache_dir=cache_dir, synthetic_size=tuple(synthetic_size), seed=seed
+)
 print(
     f"{len(dataset.train_labels)} training and {len(dataset.test_labels)} test images, "
     f"classes {', '.join(dataset.class_names)}"
@@ -126,18 +137,8 @@ print(
 # %%
 results = {}
 for opt in optimizers:
-    config = Config(
-        opt=opt,
-        model=model,
-        epochs=epochs,
-        batch_size=batch_size,
-        data=data,
-        dtype=dtype,
-        seed=seed,
-        max_steps=max_steps,
-        width=width,
-        synthetic_size=tuple(synthetic_size),
-    )
+    # The run options are the parameters above, one per field of Config but `opt`.
+    config = Config.from_values(globals(), opt=opt)
     print(f"--- {opt}: {config}")
     results[opt] = train_and_evaluate(config, run_dirs[opt], dataset=dataset)
 

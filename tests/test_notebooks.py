@@ -5,16 +5,30 @@ configuration (synthetic data, a width-4 network, a few steps), the way a user o
 would run it headless.
 """
 
+import ast
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from train.config import OPTIMIZERS, Config
+
 jupytext = pytest.importorskip("jupytext")
 papermill = pytest.importorskip("papermill")
 
-COLAB = Path(__file__).resolve().parents[1] / "colab"
+ROOT = Path(__file__).resolve().parents[1]
+COLAB = ROOT / "colab"
 NOTEBOOKS = ["swats_quickstart", "swats_cifar10"]
+
+
+@pytest.fixture(autouse=True)
+def _kernels_import_this_checkout(monkeypatch):
+    """The kernels run in a temporary folder: without this they would import ``train`` and
+    ``swats_jax`` from wherever the package is installed, not from the code under test."""
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
 
 
 def _execute(name: str, output: Path, parameters: dict) -> dict:
@@ -72,6 +86,17 @@ def test_notebook_matches_its_jupytext_script(name):
 
     assert cells(notebook) == cells(script)
     assert notebook.metadata["jupytext"]["formats"] == "ipynb,py:percent"
+
+
+def test_cifar10_parameters_are_the_config_fields():
+    """Every run option is a parameter of the notebook, with the command line's default, so
+    that a new ``Config`` field cannot be left out of it."""
+    declared = papermill.inspect_notebook(str(COLAB / "swats_cifar10.ipynb"))
+    options = {field.name for field in dataclasses.fields(Config)} - {"opt"}  # `optimizers`
+    assert set(declared) == options | {"optimizers", "workdir"}
+    defaults = {name: ast.literal_eval(declared[name]["default"]) for name in options}
+    assert Config.from_values(defaults) == Config()
+    assert set(ast.literal_eval(declared["optimizers"]["default"])) <= set(OPTIMIZERS)
 
 
 def test_quickstart_runs(tmp_path):

@@ -7,8 +7,10 @@ Parses flags into a :class:`train.config.Config` and calls
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
 
 from train import config as config_lib
 
@@ -18,64 +20,57 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except ``None`` (the help says what unset means), tuples as typed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help
+        if isinstance(action.default, tuple):
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
+def _add_option(parser, field: dataclasses.Field) -> None:
+    """The flag of a :class:`Config` field: ``--batch-size`` for ``batch_size``, typed by
+    its annotation (``X | None``: an ``X``, unset by default; ``tuple[int, int]``: two ints)."""
+    annotation = config_lib.field_types()[field.name]
+    if config_lib.is_optional(annotation):
+        (annotation,) = (a for a in typing.get_args(annotation) if a is not type(None))
+    kwargs = {}
+    if typing.get_origin(annotation) is tuple:
+        element_types = typing.get_args(annotation)
+        kwargs["nargs"] = len(element_types)
+        (annotation,) = set(element_types)  # one type for all the values
+    help_text = field.metadata["help"].replace("%", "%%")  # argparse formats help with %
+    if field.metadata["may_change_on_resume"]:
+        help_text += "; may change when a run resumes"
+    parser.add_argument(
+        f"--{field.name.replace('_', '-')}",
+        type=annotation,
+        choices=field.metadata["choices"],
+        default=field.default,
+        metavar=field.metadata["metavar"],
+        help=help_text,
+        **kwargs,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    defaults = config_lib.Config()
     parser = _Parser(
         prog="python -m train.cifar",
+        usage="%(prog)s [-h] [--workdir WORKDIR] [--OPTION VALUE ...]",
         description="Train a CIFAR-10 model with SWATS, AdaBound, Adam or SGD.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--opt", choices=config_lib.OPTIMIZERS, default=defaults.opt)
-    parser.add_argument("--model", choices=config_lib.MODELS, default=defaults.model)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument(
-        "--lr", type=float, default=None, help="Adam-phase / base learning rate (recipe's if unset)"
-    )
-    parser.add_argument(
-        "--recipe",
-        choices=config_lib.RECIPES,
-        default=defaults.recipe,
-        help="'reference': the phase schedules of the published runs; 'none': constant rates",
-    )
-    parser.add_argument(
-        "--swats-momentum",
-        choices=("paper", "reference"),
-        default=None,
-        help="SGD recursion of swats_global (default: 'reference' under --recipe=reference)",
-    )
-    parser.add_argument(
-        "--data",
-        default=defaults.data,
-        help="'cifar10' (downloaded and cached), 'synthetic', or a folder/archive in the "
-        "cifar-10-batches-py or train/<class>/ image-folder layout",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--workdir", default="runs/cifar10", help="outputs and checkpoints")
-    parser.add_argument("--dtype", choices=config_lib.DTYPES, default=defaults.dtype)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
-    parser.add_argument(
-        "--width", type=int, default=None, help="model width override (tests and smoke runs)"
+    options = parser.add_argument_group(
+        "run configuration",
+        "Saved as WORKDIR/config.json. A run resumes from its last checkpoint in WORKDIR "
+        "only with the same configuration, except the options that may change.",
     )
-    parser.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
-    parser.add_argument(
-        "--chunk-steps",
-        type=int,
-        default=defaults.chunk_steps,
-        help="training steps per compiled lax.scan chunk (default: 100 on GPU/TPU, 1 on CPU)",
-    )
-    parser.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
-    parser.add_argument("--cache-dir", default=None, help="download/decode cache")
-    parser.add_argument(
-        "--synthetic-size",
-        type=int,
-        nargs=2,
-        default=defaults.synthetic_size,
-        metavar=("TRAIN", "TEST"),
-    )
-    parser.add_argument(
-        "--num-devices", type=int, default=None, help="use the first N local devices"
-    )
+    for field in dataclasses.fields(config_lib.Config):
+        _add_option(options, field)
     return parser
 
 
@@ -83,26 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        config = config_lib.Config(
-            opt=args.opt,
-            model=args.model,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            recipe=args.recipe,
-            swats_momentum=args.swats_momentum,
-            data=args.data,
-            dtype=args.dtype,
-            seed=args.seed,
-            max_steps=args.max_steps,
-            width=args.width,
-            eval_batch_size=args.eval_batch_size,
-            chunk_steps=args.chunk_steps,
-            keep_checkpoints=args.keep_checkpoints,
-            cache_dir=args.cache_dir,
-            synthetic_size=tuple(args.synthetic_size),
-            num_devices=args.num_devices,
-        )
+        config = config_lib.Config.from_values(vars(args))
     except ValueError as err:
         parser.error(str(err))
 

@@ -36,7 +36,7 @@ from train import data as data_lib
 from train import metrics as metrics_lib
 from train import models
 from train.checkpoint import Checkpointer
-from train.config import Config, make_optimizer
+from train.config import MAY_CHANGE_ON_RESUME, Config, make_optimizer
 from train.metrics import MetricsError as MetricsError  # re-exported: train.cifar catches it
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def _check_config(workdir: Path, config: Config) -> None:
     path = workdir / "config.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        ignored = {"epochs", "max_steps", "num_devices", "chunk_steps", "cache_dir"}
+        ignored = MAY_CHANGE_ON_RESUME
         current = config.to_json()
         saved.pop("workdir", None)
         diff = {
