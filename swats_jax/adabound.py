@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -66,8 +67,11 @@ def scale_by_adabound(
       eps: added to the un-corrected :math:`\sqrt{v}`.
       weight_decay: L2 coefficient added to the gradient.
       amsbound: use AMSBound.
-      base_lr: the rate ``final_lr`` refers to; by default the learning rate at
-        step 0 (the schedule's first value), captured in the state at ``init``.
+      base_lr: the rate ``final_lr`` refers to, captured in the state at ``init``.
+        By default the learning rate at step 0. The official code uses the rate
+        passed to its constructor, which PyTorch users set to the peak of their
+        schedule: with a schedule that rises after step 0 (a warmup), pass
+        ``base_lr`` = that peak; such a schedule without ``base_lr`` warns.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with an :class:`AdaBoundState`.
@@ -82,10 +86,14 @@ def scale_by_adabound(
     _checks.check_positive("gamma", gamma)
     if base_lr is not None:
         _checks.check_positive("base_lr", base_lr)
+    elif callable(learning_rate):
+        _warn_if_schedule_rises(learning_rate)
 
     def init_fn(params: optax.Params) -> AdaBoundState:
         first_lr = base_lr if base_lr is not None else _core.value_at(learning_rate, 0)
-        _checks.check_positive("base_lr (the learning rate at step 0)", first_lr)
+        _checks.check_positive(
+            "base_lr (by default the learning rate at step 0; pass base_lr=)", first_lr
+        )
         return AdaBoundState(
             **_core.init_adam(params, amsbound),
             # float64 when x64 is on, so that float64 runs stay float64 end to end.
@@ -140,6 +148,26 @@ def scale_by_adabound(
         return treedef.unflatten(new_updates), new_state
 
     return _core.transformation("scale_by_adabound", init_fn, update_leaves, use_weight_decay)
+
+
+# Where a schedule is sampled to tell whether it rises after step 0.
+_SCHEDULE_PROBES = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+
+
+def _warn_if_schedule_rises(schedule: optax.Schedule) -> None:
+    """Warns when the default ``base_lr`` (the rate at step 0) is below later rates."""
+    values = [schedule(count) for count in _SCHEDULE_PROBES]
+    if any(isinstance(value, jax.core.Tracer) for value in values):
+        return
+    first, peak = float(values[0]), max(float(value) for value in values)
+    if 0 < first < peak:  # a zero first rate is refused at init, with the same advice
+        warnings.warn(
+            f"adabound: base_lr defaults to the learning rate at step 0 ({first:g}), but the "
+            f"schedule rises to at least {peak:g} later, so the bounds will be "
+            f"{peak / first:.3g}x those of base_lr={peak:g}; pass base_lr= the rate final_lr "
+            "refers to (the official code takes the peak rate).",
+            stacklevel=3,
+        )
 
 
 def adabound(

@@ -36,6 +36,14 @@ def path_to_str(path: tuple[Any, ...]) -> str:
     return "/".join(_key_name(key) for key in path)
 
 
+def _leaf_path(path: tuple[Any, ...]) -> str:
+    """The leaf's path, without the trailing ``value`` attribute of a Flax NNX variable."""
+    last = path[-1] if path else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+        path = path[:-1]
+    return path_to_str(path)
+
+
 def switch_events(opt_state: Any) -> list[SwitchEvent]:
     """Lists the switches recorded in a SWATS state, sorted by step.
 
@@ -62,7 +70,7 @@ def switch_events(opt_state: Any) -> list[SwitchEvent]:
         host_steps, host_sgd_lrs = jax.device_get(([s for _, s in steps], sgd_lrs))
         for (path, _), step, sgd_lr in zip(steps, host_steps, host_sgd_lrs):
             if int(step) >= 0:
-                events.append(SwitchEvent(path_to_str(path), int(step), float(sgd_lr)))
+                events.append(SwitchEvent(_leaf_path(path), int(step), float(sgd_lr)))
     return sorted(events, key=lambda event: event.step)
 
 

@@ -462,6 +462,7 @@ def swats_local(
       Keskar & Socher, https://arxiv.org/abs/1712.07628, 2017; the local-switch
       study of AnirudhMaiya/Rethinking-SWATS-Optimizer (``SwatsLocal.py``).
     """
+    _checks.check_nonnegative("switch_tol", switch_tol)  # by the name the caller used
     return scale_by_swats(
         learning_rate,
         b1,

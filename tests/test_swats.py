@@ -263,7 +263,7 @@ def test_float64_end_to_end(x64):
         (swats_jax.swats_local, {"learning_rate": -1.0}, "learning_rate"),
         (swats_jax.swats_local, {"b1": 1.0}, "b1"),
         (swats_jax.swats_local, {"b2": -0.1}, "b2"),
-        (swats_jax.swats_local, {"switch_tol": -1e-5}, "switch_atol"),
+        (swats_jax.swats_local, {"switch_tol": -1e-5}, "switch_tol"),
         (swats_jax.swats_local, {"sgd_scale": -1.0}, "sgd_scale"),
         (swats_jax.swats_local, {"weight_decay": -1.0}, "weight_decay"),
         (swats_jax.swats_local, {"eps": -1.0}, "eps"),

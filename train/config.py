@@ -204,7 +204,7 @@ class Recipe:
 # study's reference code (AnirudhMaiya/Rethinking-SWATS-Optimizer), after Keskar & Socher
 # 2017 (arXiv:1712.07628); AdaBound: Luo et al., ICLR 2019 (final_lr 0.1, bounds scaled with
 # the rate); adam and sgd: common baselines outside the published comparison. See
-# docs/algorithm.md, "Recipes".
+# docs/algorithm.md, section 6.
 REFERENCE_RECIPES: dict[tuple[str, str | None], Recipe] = {
     ("swats_local", "resnet18"): Recipe(
         1e-3, lr_changes={100: 0.1}, sgd_scale_changes={75: 0.1, 150: 0.1}, published=94.13
