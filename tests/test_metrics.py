@@ -106,3 +106,16 @@ def test_unreadable_files_raise_metrics_error_naming_the_file(tmp_path, name, co
     read = metrics.read_metrics if name == "metrics.jsonl" else metrics.read_switch_table
     with pytest.raises(MetricsError, match=message):
         read(tmp_path)
+
+
+def test_non_finite_values_are_written_as_json_null(tmp_path):
+    log = metrics.MetricsLog(tmp_path)
+    log.append({**record(1), "test_loss": float("nan"), "train_loss": float("inf")})
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    line = (tmp_path / "metrics.jsonl").read_text()
+    parsed = json.loads(line, parse_constant=refuse)  # strict: NaN/Infinity would raise
+    assert parsed["test_loss"] is None and parsed["train_loss"] is None
+    assert parsed["test_accuracy"] == 0.25

@@ -14,6 +14,11 @@ import typing
 
 from train import config as config_lib
 
+# Exit statuses (README, "Exit codes").
+EXIT_ERROR = 2  # bad flags or input: data, workdir, configuration, checkpoints, disk
+EXIT_NON_FINITE = 3  # the training loss became NaN or infinite
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit status 2, no usage dump
@@ -85,16 +90,37 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("train").setLevel(logging.INFO)
     # Imported here so that --help and flag errors answer without loading JAX.
+    from train import trainer
     from train.checkpoint import CheckpointError
     from train.data import DatasetError
-    from train.trainer import ConfigMismatchError, MetricsError, train_and_evaluate
 
+    expected = (
+        DatasetError,
+        trainer.WorkdirError,
+        trainer.ConfigMismatchError,
+        CheckpointError,
+        trainer.MetricsError,
+    )
     try:
-        train_and_evaluate(config, args.workdir)
-    except (DatasetError, ConfigMismatchError, CheckpointError, MetricsError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
+        trainer.train_and_evaluate(config, args.workdir)
+    except expected as err:
+        return _fail(parser.prog, str(err), EXIT_ERROR)
+    except OSError as err:  # a full disk, a folder removed under the run, ...
+        where = f" ({err.filename})" if err.filename else ""
+        return _fail(parser.prog, f"{err.strerror or err}{where}", EXIT_ERROR)
+    except trainer.NonFiniteLossError as err:
+        return _fail(parser.prog, str(err), EXIT_NON_FINITE)
+    except trainer.TrainingInterrupted as err:
+        return _fail(parser.prog, str(err), EXIT_INTERRUPTED, "")
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        message = "interrupted; run the same command to resume from the last checkpoint"
+        return _fail(parser.prog, message, EXIT_INTERRUPTED, "")
     return 0
+
+
+def _fail(prog: str, message: str, code: int, kind: str = "error: ") -> int:
+    print(f"{prog}: {kind}{message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -132,6 +133,8 @@ class Config:
             # Lists from JSON, argparse (nargs) or papermill parameters become tuples.
             if typing.get_origin(types[field.name]) is tuple and isinstance(value, list):
                 object.__setattr__(self, field.name, tuple(value))
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, got {value}")
             choices = field.metadata["choices"]
             if choices is not None:
                 allowed = (None, *choices) if is_optional(types[field.name]) else choices

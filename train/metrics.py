@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,12 +114,21 @@ class MetricsLog:
 
     def _write(self, records: list[dict[str, Any]]) -> None:
         tmp = self.jsonl.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.write_text("".join(json.dumps(_strict(r), allow_nan=False) + "\n" for r in records))
         os.replace(tmp, self.jsonl)
         with self.csv.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
             writer.writeheader()
             writer.writerows(records)
+
+
+def _strict(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with NaN and infinities as ``None`` (JSON ``null``, which strict readers
+    accept, unlike ``NaN``)."""
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in record.items()
+    }
 
 
 def write_switch_table(workdir: str | os.PathLike[str], events: list[SwitchEvent]) -> None:

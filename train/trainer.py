@@ -11,13 +11,17 @@ parameters and optimizer state are replicated; for several hosts, call
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,18 @@ log = logging.getLogger(__name__)
 
 class ConfigMismatchError(ValueError):
     """The workdir holds a run made with a different configuration."""
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be created or written to."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped without saving that state."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped the run at a step boundary; the message says how to resume."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,11 +209,107 @@ def _write_config(workdir: Path, config: Config) -> None:
     path.write_text(json.dumps({**config.to_json(), "workdir": str(workdir)}, indent=2) + "\n")
 
 
-def _progress(total: int, epoch: int) -> tqdm | None:
-    """A progress bar over the steps of an epoch, on a terminal only."""
-    if not sys.stderr.isatty():
-        return None
-    return tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=False)
+class _EpochProgress:
+    """An epoch's progress: a bar in a terminal, log lines otherwise.
+
+    About every 10% of the epoch, and at least every ``interval_s`` seconds, it reads the
+    running loss (a host transfer) and stops the run if it is not finite. Without a terminal
+    it then logs the step, the loss, images/s and the number of switched arrays.
+    """
+
+    def __init__(self, epoch: int, total: int, first_step: int, *, interval_s: float = 60.0):
+        self.epoch, self.total, self.first_step = epoch, total, first_step
+        self.every = max(1, math.ceil(total / 10))
+        self.next_report = self.every
+        self.interval_s = interval_s
+        self.start = self.last_report = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            self.bar = tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=True)
+
+    def update(self, size: int, done: int, totals: jax.Array, opt_state: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(size)
+        now = time.perf_counter()
+        if done < self.next_report and now - self.last_report < self.interval_s:
+            return
+        self.next_report = done + self.every
+        self.last_report = now
+        loss_sum, _, count = np.asarray(totals)
+        loss = float(loss_sum / count)
+        _check_finite(loss, self.epoch, self.first_step + done)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        elif done < self.total:  # the epoch's own line reports its end
+            log.info(
+                "epoch %d: step %d/%d, train loss %.4f, %.0f images/s, %d arrays switched",
+                self.epoch,
+                done,
+                self.total,
+                loss,
+                count / (now - self.start),
+                swats_jax.num_switched(opt_state),
+            )
+
+    def __enter__(self) -> _EpochProgress:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_finite(loss: float, epoch: int, step: int) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"the training loss became {loss} by step {step} (epoch {epoch}); stopped without "
+            "saving this state: lower --lr, or check the data"
+        )
+
+
+class _InterruptFlag:
+    """Ctrl-C (SIGINT) asks the loop to stop at the next step boundary; a second one
+    interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("interrupting at the next step boundary (Ctrl-C again to stop at once)")
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals reach the main thread only
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _prepare_workdir(workdir: Path) -> bool:
+    """Creates ``workdir`` if needed and checks that it is writable; whether it was created.
+
+    Raises:
+      WorkdirError: it is a file, or cannot be created or written to.
+    """
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"the workdir {workdir} is a file, not a folder; use another --workdir")
+    created = not workdir.exists()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise WorkdirError(
+            f"cannot write to the workdir {workdir}: {err.strerror or err}; use another --workdir"
+        ) from err
+    return created
 
 
 def train_and_evaluate(
@@ -219,19 +331,42 @@ def train_and_evaluate(
 
     Raises:
       train.data.DatasetError: the dataset cannot be loaded.
+      WorkdirError: ``workdir`` is a file, or cannot be created or written to.
       ConfigMismatchError: ``workdir`` holds a run with another configuration.
       train.metrics.MetricsError: ``workdir`` holds a ``metrics.jsonl`` that cannot be read.
       train.checkpoint.CheckpointError: checkpoints exist but none can be restored.
+      NonFiniteLossError: the training loss became NaN or infinite (nothing of it is saved).
+      TrainingInterrupted: Ctrl-C; the run stopped at a step boundary.
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    created = _prepare_workdir(workdir)
+    try:
+        return _train_and_evaluate(config, workdir, dataset)
+    except BaseException:
+        # A workdir this call created and that holds no finished epoch is not left behind.
+        if created and not (workdir / "metrics.jsonl").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _train_and_evaluate(
+    config: Config, workdir: Path, dataset: data_lib.Dataset | None
+) -> list[dict[str, Any]]:
     _check_config(workdir, config)
     if dataset is None:
+        log.info("loading the data (%s)", config.data)
+        start = time.perf_counter()
         dataset = data_lib.load_cifar10(
             config.data,
             cache_dir=config.cache_dir,
             synthetic_size=config.synthetic_size,
             seed=config.seed,
+        )
+        log.info(
+            "loaded %d training and %d test images in %.1f s",
+            len(dataset.train_labels),
+            len(dataset.test_labels),
+            time.perf_counter() - start,
         )
     _write_config(workdir, config)  # only once the data loaded: a typo must not pin the run
 
@@ -271,15 +406,26 @@ def train_and_evaluate(
     state = {"params": params, "batch_stats": stats, "opt_state": opt_state}
     metrics = metrics_lib.MetricsLog(workdir)
     start_epoch = 0
-    with Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints) as checkpointer:
+    interrupt = _InterruptFlag()
+    with (
+        Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints) as checkpointer,
+        interrupt.installed(),
+    ):
         restored = checkpointer.restore_latest(state)
         if restored is not None:
             start_epoch, state = restored
             log.info("resumed from the checkpoint of epoch %d in %s", start_epoch, workdir)
+        partial = [r["epoch"] for r in metrics.records() if not r["complete"]]
+        if partial and partial[-1] > start_epoch:
+            log.info(
+                "epoch %d stopped part-way last time (--max-steps) and starts again", partial[-1]
+            )
         metrics.keep_epochs_up_to(start_epoch)
         state = put(state)
         carry = (state["params"], state["batch_stats"], state["opt_state"])
         step = start_epoch * steps_per_epoch
+        saved_epoch = start_epoch
+        compiled = False
 
         for epoch in range(start_epoch + 1, config.epochs + 1):
             if config.max_steps is not None and step >= config.max_steps:
@@ -293,29 +439,46 @@ def train_and_evaluate(
             )
             # Loss, correct and image counts of the epoch; a fresh buffer, as chunks donate it.
             carry = carry[:3] + (put(np.zeros(3, np.float32)),)
-            bar = _progress(epoch_steps, epoch)
-            done = 0
-            while done < epoch_steps:
-                # Full batches go through chunks of `chunk_steps`; the partial batch alone.
-                if done < full_batches:
-                    size = min(chunk_steps, full_batches - done, epoch_steps - done)
-                    idx = permutation[done * config.batch_size : (done + size) * config.batch_size]
-                    idx = idx.reshape(size, config.batch_size)
-                else:
-                    size = 1
-                    idx = permutation[full_batches * config.batch_size :][:remainder][None]
-                steps = np.arange(step + done, step + done + size, dtype=np.int32)
-                carry = train_chunk(carry, put(idx), put(steps), train_data, aug_key)
-                done += size
-                if bar is not None:
-                    bar.update(size)
+            with _EpochProgress(epoch, epoch_steps, step) as progress:
+                done = 0
+                while done < epoch_steps:
+                    if interrupt.requested:
+                        raise TrainingInterrupted(
+                            f"interrupted at epoch {epoch} step {step + done}; run the same "
+                            f"command to resume from epoch {saved_epoch + 1}"
+                        )
+                    # Full batches go through chunks of `chunk_steps`; the partial batch alone.
+                    if done < full_batches:
+                        size = min(chunk_steps, full_batches - done, epoch_steps - done)
+                        batch = config.batch_size
+                        idx = permutation[done * batch : (done + size) * batch]
+                        idx = idx.reshape(size, batch)
+                    else:
+                        size = 1
+                        idx = permutation[full_batches * config.batch_size :][:remainder][None]
+                    steps = np.arange(step + done, step + done + size, dtype=np.int32)
+                    if not compiled:
+                        log.info("compiling the training step")
+                        compile_start = time.perf_counter()
+                    carry = train_chunk(carry, put(idx), put(steps), train_data, aug_key)
+                    if not compiled:
+                        jax.block_until_ready(carry)
+                        log.info(
+                            "compiled and ran the first training step(s) in %.1f s",
+                            time.perf_counter() - compile_start,
+                        )
+                        compiled = True
+                    done += size
+                    progress.update(size, done, carry[3], carry[2])
             step += epoch_steps
             params, stats, opt_state, train_totals = carry
             train_loss, train_correct, train_count = np.asarray(train_totals)
             train_time = time.perf_counter() - start_time
-            if bar is not None:
-                bar.close()
+            _check_finite(float(train_loss / train_count), epoch, step)
+            log.info("evaluating on %d test images", len(dataset.test_labels))
+            eval_start = time.perf_counter()
             test_loss, test_correct = np.asarray(evaluate(params, stats, *eval_data))
+            eval_time = time.perf_counter() - eval_start
             num_test = len(dataset.test_labels)
             complete = epoch_steps == steps_per_epoch
             record = {
@@ -339,15 +502,28 @@ def train_and_evaluate(
                 checkpointer.save(
                     epoch, {"params": params, "batch_stats": stats, "opt_state": opt_state}
                 )
+                saved_epoch = epoch
             log.info(
-                "epoch %d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %.0f images/s",
+                "epoch %d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %.0f images/s, "
+                "%d arrays switched, evaluated in %.1f s",
                 epoch,
                 record["train_loss"],
                 record["train_accuracy"],
                 record["test_loss"],
                 record["test_accuracy"],
                 record["images_per_s"],
+                record["num_switched"],
+                eval_time,
             )
+            if not complete:
+                log.warning(
+                    "stopped by --max-steps at step %d, inside epoch %d: a partial epoch is "
+                    "not checkpointed, so the same command restarts epoch %d from %s",
+                    step,
+                    epoch,
+                    epoch,
+                    f"the checkpoint of epoch {saved_epoch}" if saved_epoch else "scratch",
+                )
     records = metrics.records()
     _plot(workdir)
     return records

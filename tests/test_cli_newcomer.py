@@ -1,0 +1,125 @@
+"""The command line as a newcomer meets it: progress, interrupts, bad input, exit codes.
+
+Each test runs ``python -m train.cifar`` in-process (``train.cifar.main``) on a tiny model
+and synthetic data, and checks the exit code and the one line on stderr.
+"""
+
+import json
+import logging
+import os
+import pathlib
+import signal
+
+import pytest
+
+from train import cifar, trainer
+
+TINY = [
+    "--data=synthetic",
+    "--synthetic-size",
+    "128",
+    "64",
+    "--batch-size=32",
+    "--width=4",
+    "--eval-batch-size=32",
+]  # 4 steps per epoch
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_progress_is_logged_without_a_terminal(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    assert cifar.main([*TINY, "--epochs=1", f"--workdir={tmp_path / 'run'}"]) == 0
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("train")]
+    text = "\n".join(messages)
+    assert "loading the data (synthetic)" in text
+    assert "loaded 128 training and 64 test images" in text
+    assert "compiled and ran the first training step(s) in" in text
+    assert "evaluating on 64 test images" in text
+    # About every 10% of the 4-step epoch: after steps 1, 2 and 3 (the 4th is the epoch line).
+    steps = [m for m in messages if m.startswith("epoch 1: step ")]
+    assert [m.split(",")[0] for m in steps] == [f"epoch 1: step {k}/4" for k in (1, 2, 3)]
+    assert all("train loss" in m and "images/s" in m and "arrays switched" in m for m in steps)
+
+
+def test_workdir_that_is_a_file(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    workdir.write_text("not a folder")
+    assert cifar.main([*TINY, f"--workdir={workdir}"]) == 2
+    assert f"the workdir {workdir} is a file, not a folder" in _one_line(capsys)
+
+
+def test_workdir_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    def refuse(self, *args, **kwargs):  # chmod does not stop root, so refuse by hand
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", refuse)
+    workdir = tmp_path / "run"
+    assert cifar.main([*TINY, f"--workdir={workdir}"]) == 2
+    assert f"cannot write to the workdir {workdir}: Permission denied" in _one_line(capsys)
+
+
+def test_failed_run_leaves_no_workdir_it_created(tmp_path, capsys):
+    workdir = tmp_path / "new" / "run"
+    assert cifar.main([*TINY[1:], "--data=/no/such/data", f"--workdir={workdir}"]) == 2
+    _one_line(capsys)
+    assert not workdir.exists()
+
+
+def test_non_finite_flags_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cifar.main(["--lr=inf"])
+    assert exit_info.value.code == 2
+    assert "lr must be a finite number, got inf" in _one_line(capsys)
+
+
+def test_non_finite_loss_stops_with_exit_3_and_saves_nothing(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    argv = [*TINY, "--opt=adam", "--recipe=none", "--lr=1e38", "--epochs=2"]
+    assert cifar.main([*argv, f"--workdir={workdir}"]) == 3
+    err = _one_line(capsys)
+    assert "the training loss became" in err and "stopped without saving this state" in err
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
+    workdir = tmp_path / "run"
+    argv = [*TINY, "--epochs=2", f"--workdir={workdir}"]
+    update = trainer._EpochProgress.update
+
+    def update_and_interrupt(self, size, done, *args):
+        update(self, size, done, *args)
+        if self.epoch == 2 and done == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: handled at the next boundary
+
+    monkeypatch.setattr(trainer._EpochProgress, "update", update_and_interrupt)
+    assert cifar.main(argv) == 130
+    err = _one_line(capsys)
+    assert "interrupted at epoch 2 step 5; run the same command to resume from epoch 2" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+    monkeypatch.setattr(trainer._EpochProgress, "update", update)
+    assert cifar.main(argv) == 0
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_partial_epoch_says_it_restarts(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    argv = [*TINY, "--max-steps=2", f"--workdir={tmp_path / 'run'}"]
+    assert cifar.main(argv) == 0
+    assert any(
+        "stopped by --max-steps at step 2, inside epoch 1: a partial epoch is not "
+        "checkpointed, so the same command restarts epoch 1 from scratch" in r.getMessage()
+        for r in caplog.records
+    )
+    caplog.clear()
+    assert cifar.main(argv) == 0
+    assert any(
+        "epoch 1 stopped part-way last time (--max-steps) and starts again" in r.getMessage()
+        for r in caplog.records
+    )
