@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_check.sh [extra train_throughput.py flags]
 #
 # Writes gpu.txt, train_throughput.log and update_speed.log to $OUT (default /tmp/gpu-check).
-# Needs the real data at .data/cifar10-jpeg.tar.xz (a copy of ../shared/data's archive; an
-# ignored folder). Where the machine's flax or optax is missing or older than this project
+# Needs the real data at .data/cifar10-jpeg.tar.xz (CIFAR-10 as an image-folder archive,
+# train/<class>/*.jpg and test/<class>/*.jpg; .data/ is ignored by git). Where the machine's flax or optax is missing or older than this project
 # needs, wheels in .whl/ (ignored; `pip download --no-deps flax==0.12.8 optax==0.2.8 -d .whl`)
 # are installed into /tmp/site first. On CPU, `--width 4 --epochs 1` makes a quick dry run.
 set -uo pipefail
