@@ -69,6 +69,21 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--workdir", default="runs/cifar10", help="outputs and checkpoints")
+    hosts = parser.add_argument_group(
+        "several processes (jax.distributed)",
+        "One process per host (or per GPU), each with the same command and data: the batch is "
+        "sharded over every device of every process. Process 0 writes the run's files; the "
+        "workdir must be one shared folder.",
+    )
+    hosts.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() and let it read the cluster's settings "
+        "(SLURM, Open MPI, Kubernetes/GKE, Cloud TPU); or give the three flags below",
+    )
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    hosts.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+    hosts.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1")
     options = parser.add_argument_group(
         "run configuration",
         "Saved as WORKDIR/config.json. A run resumes from its last checkpoint in WORKDIR "
@@ -87,8 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
 
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(value is not None for value in explicit) and None in explicit:
+        parser.error("--coordinator, --num-processes and --process-id go together")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("train").setLevel(logging.INFO)
+    if args.distributed or args.coordinator is not None:
+        if _start_distributed(args) != 0:  # other processes log warnings and errors only
+            logging.getLogger("train").setLevel(logging.WARNING)
     # Imported here so that --help and flag errors answer without loading JAX.
     from train import trainer
     from train.checkpoint import CheckpointError
@@ -97,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     expected = (
         DatasetError,
         trainer.WorkdirError,
+        trainer.SetupError,
         trainer.ConfigMismatchError,
         CheckpointError,
         trainer.MetricsError,
@@ -116,6 +138,23 @@ def main(argv: list[str] | None = None) -> int:
         message = "interrupted; run the same command to resume from the last checkpoint"
         return _fail(parser.prog, message, EXIT_INTERRUPTED, "")
     return 0
+
+
+def _start_distributed(args: argparse.Namespace) -> int:
+    """Joins the processes of a multi-process run; returns this process's index."""
+    import os
+
+    import jax
+
+    # Multi-process collectives between CPU devices (tests, CPU clusters) need an
+    # implementation; GPUs and TPUs have their own.
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.coordinator is None:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    return jax.process_index()
 
 
 def _fail(prog: str, message: str, code: int, kind: str = "error: ") -> int:

@@ -4,9 +4,12 @@ The whole dataset lives on the device(s). Each epoch is a shuffled permutation o
 on accelerators the training steps of a chunk run inside one jitted ``lax.scan``
 (augmentation included), on CPU one jitted step per dispatch (XLA:CPU runs convolutions
 inside loops far slower); either way the metrics are fetched once per epoch.
-With several local devices the batch is sharded over them (data parallel) and
-parameters and optimizer state are replicated; for several hosts, call
-``jax.distributed.initialize()`` first (each host then needs the whole dataset).
+With several devices the batch is sharded over them (data parallel) and parameters and
+optimizer state are replicated. With several processes (``jax.distributed.initialize()``
+called first, as ``python -m train.cifar --coordinator ...`` does), the devices of every
+process form one mesh: each process holds the whole dataset, all take the same global
+batches, and each step's gradient is reduced across processes. Process 0 writes the run's
+files; all processes save and restore the checkpoints together.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -52,6 +56,11 @@ class ConfigMismatchError(ValueError):
 
 class WorkdirError(ValueError):
     """The workdir cannot be created or written to."""
+
+
+class SetupError(ValueError):
+    """The configuration cannot run on these devices or this data (e.g. a batch size that
+    the device count does not divide)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -291,6 +300,45 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, previous)
 
 
+def _devices(config: Config) -> list[jax.Device]:
+    """The devices the batch is sharded over: every device of every process (with
+    ``jax.distributed``), or the first ``num_devices`` local ones of a single process."""
+    if jax.process_count() == 1:
+        return jax.local_devices()[: config.num_devices]
+    if config.num_devices is not None:
+        raise SetupError(
+            "num_devices applies to single-process runs; with several processes the batch "
+            "is sharded over every device of every process"
+        )
+    return jax.devices()
+
+
+def _check_replicas_agree(params: Any, epoch: int) -> None:
+    """Stops a multi-process run whose processes no longer hold the same parameters."""
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        digest.update(np.asarray(leaf.addressable_shards[0].data).tobytes())
+    multihost_utils.assert_equal(
+        np.frombuffer(digest.digest(), np.uint8),
+        f"the processes hold different parameters after epoch {epoch}",
+    )
+
+
+class _NoMetrics:
+    """The metrics log of a process other than process 0, which writes nothing."""
+
+    def records(self) -> list[dict[str, Any]]:
+        return []
+
+    def keep_epochs_up_to(self, epoch: int) -> None:
+        pass
+
+    def append(self, record: dict[str, Any]) -> None:
+        pass
+
+
 def _prepare_workdir(workdir: Path) -> bool:
     """Creates ``workdir`` if needed and checks that it is writable; whether it was created.
 
@@ -344,7 +392,8 @@ def train_and_evaluate(
         return _train_and_evaluate(config, workdir, dataset)
     except BaseException:
         # A workdir this call created and that holds no finished epoch is not left behind.
-        if created and not (workdir / "metrics.jsonl").exists():
+        primary = jax.process_index() == 0
+        if primary and created and not (workdir / "metrics.jsonl").exists():
             shutil.rmtree(workdir, ignore_errors=True)
         raise
 
@@ -352,6 +401,10 @@ def train_and_evaluate(
 def _train_and_evaluate(
     config: Config, workdir: Path, dataset: data_lib.Dataset | None
 ) -> list[dict[str, Any]]:
+    # With several processes (jax.distributed), process 0 writes the run's files; all
+    # processes save and restore the checkpoints together, as Orbax expects.
+    primary = jax.process_index() == 0
+    multiprocess = jax.process_count() > 1
     _check_config(workdir, config)
     if dataset is None:
         log.info("loading the data (%s)", config.data)
@@ -368,14 +421,15 @@ def _train_and_evaluate(
             len(dataset.test_labels),
             time.perf_counter() - start,
         )
-    _write_config(workdir, config)  # only once the data loaded: a typo must not pin the run
+    if primary:
+        _write_config(workdir, config)  # only once the data loaded: a typo must not pin the run
 
-    devices = jax.local_devices()[: config.num_devices]
+    devices = _devices(config)
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     if config.batch_size % len(devices):
-        raise ValueError(
+        raise SetupError(
             f"batch_size {config.batch_size} is not divisible by the {len(devices)} devices"
         )
 
@@ -387,7 +441,7 @@ def _train_and_evaluate(
         remainder = 0
     steps_per_epoch = full_batches + (1 if remainder else 0)
     if steps_per_epoch == 0:
-        raise ValueError(f"{num_train} training images are fewer than one batch")
+        raise SetupError(f"{num_train} training images are fewer than one batch")
 
     model, params, stats = init_model(config, dataset.num_classes)
     setup = make_optimizer(config, steps_per_epoch)
@@ -403,8 +457,10 @@ def _train_and_evaluate(
     )
     shuffle_key, aug_key = jax.random.split(jax.random.key(config.seed + 1))
 
-    state = {"params": params, "batch_stats": stats, "opt_state": opt_state}
-    metrics = metrics_lib.MetricsLog(workdir)
+    # Placed (replicated over every device of every process) before restoring, so that
+    # Orbax restores into the same global arrays the training step uses.
+    state = put({"params": params, "batch_stats": stats, "opt_state": opt_state})
+    metrics = metrics_lib.MetricsLog(workdir) if primary else _NoMetrics()
     start_epoch = 0
     interrupt = _InterruptFlag()
     with (
@@ -421,7 +477,6 @@ def _train_and_evaluate(
                 "epoch %d stopped part-way last time (--max-steps) and starts again", partial[-1]
             )
         metrics.keep_epochs_up_to(start_epoch)
-        state = put(state)
         carry = (state["params"], state["batch_stats"], state["opt_state"])
         step = start_epoch * steps_per_epoch
         saved_epoch = start_epoch
@@ -495,8 +550,10 @@ def _train_and_evaluate(
                 "images_per_s": round(float(train_count) / train_time, 1),
                 "complete": complete,
             }
+            if multiprocess:
+                _check_replicas_agree(params, epoch)
             metrics.append(record)
-            if config.opt.startswith("swats"):
+            if primary and config.opt.startswith("swats"):
                 metrics_lib.write_switch_table(workdir, swats_jax.switch_events(opt_state))
             if complete:
                 checkpointer.save(
@@ -525,7 +582,8 @@ def _train_and_evaluate(
                     f"the checkpoint of epoch {saved_epoch}" if saved_epoch else "scratch",
                 )
     records = metrics.records()
-    _plot(workdir)
+    if primary:
+        _plot(workdir)
     return records
 
 
