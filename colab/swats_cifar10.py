@@ -57,6 +57,12 @@ num_devices = None  # data parallel over the first N devices; None: all
 
 # %% [markdown]
 # ## Setup
+#
+# Where `swats_jax` cannot be imported, as on a fresh Colab, the next cell installs it and
+# its trainer from GitHub:
+# `pip install "swats-jax[train] @ git+https://github.com/swats-jax/swats-jax"`.
+# From a clone of the repository, install the clone instead, before starting Jupyter:
+# `pip install -e ".[train]"` in its folder.
 
 # %%
 import importlib.util

@@ -37,8 +37,11 @@ seed = 0
 # %% [markdown]
 # ## Setup
 #
-# On Colab this installs `swats-jax` from its repository; elsewhere, install it first
-# (`pip install "swats-jax[train]"` from a clone).
+# Where `swats_jax` cannot be imported, as on a fresh Colab, the next cell installs it and
+# its trainer from GitHub:
+# `pip install "swats-jax[train] @ git+https://github.com/swats-jax/swats-jax"`.
+# From a clone of the repository, install the clone instead, before starting Jupyter:
+# `pip install -e ".[train]"` in its folder.
 
 # %%
 import importlib.util

@@ -186,3 +186,41 @@ def test_empty_directory_gives_none(tmp_path):
     with Checkpointer(tmp_path / "new") as checkpointer:
         assert checkpointer.latest_epoch() is None
         assert checkpointer.restore_latest(make_state()) is None
+
+
+def _truncate_largest_file(step_directory):
+    """Cuts the largest file (array chunks) in half: Orbax then wraps TensorStore's read error
+    in one that prints ``<bound method ...spec of TensorStore({...`` (orbax-checkpoint 0.12)."""
+    largest = max(
+        (path for path in step_directory.rglob("*") if path.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("how", ["truncate", "garbage", "chunks"])
+def test_corrupt_checkpoint_warning_is_one_readable_line(tmp_path, caplog, how):
+    # An array above TensorStore's inline limit (1 KiB compressed) is stored as a chunk of its
+    # own, in the largest file of the checkpoint.
+    def state(seed):
+        w = np.random.default_rng(seed).normal(size=(64, 64))
+        return {"params": make_state(seed)["params"], "w": jnp.asarray(w, jnp.float32)}
+
+    with Checkpointer(tmp_path) as checkpointer:
+        checkpointer.save(1, state(1))
+        checkpointer.save(2, state(2))
+    if how == "chunks":
+        _truncate_largest_file(tmp_path / "2")
+    else:
+        corrupt(tmp_path / "2", how)
+    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
+        with Checkpointer(tmp_path) as checkpointer:
+            epoch, restored = checkpointer.restore_latest(state(0))
+    assert epoch == 1
+    assert_bit_identical(restored, state(1))
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"]
+    assert warning.startswith(f"Skipping the checkpoint of epoch 2 ({tmp_path / '2'}), which ")
+    assert "\n" not in warning and len(warning) < 500
+    for internals in ("pybind11", "TensorStore(", "<bound method", "tensorstore_spec"):
+        assert internals not in warning
+    assert "Error" in warning.split("cannot be restored: ")[1]  # the error's class

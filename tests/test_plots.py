@@ -168,3 +168,69 @@ def test_reading_and_plotting_runs_do_not_load_jax():
     script = "import sys, train.plots; assert 'jax' not in sys.modules, 'jax'"
     root = Path(__file__).resolve().parents[1]  # this checkout's train, not an installed one
     subprocess.run([sys.executable, "-c", script], check=True, cwd=root)
+
+
+def _drawn_figures(monkeypatch) -> list:
+    """Collects the figures that plot_runs would save, instead of saving them."""
+    figures = []
+    monkeypatch.setattr(plots.Figure, "savefig", lambda figure, *a, **k: figures.append(figure))
+    return figures
+
+
+def _trainer_config(**fields) -> dict:
+    """A config.json as the trainer writes it (train.config.Config's fields, in part)."""
+    return {"opt": "swats_local", "model": "resnet18", "width": None, "dtype": "float32",
+            "seed": 0, "epochs": 1, "data": "synthetic", **fields}  # fmt: skip
+
+
+def test_a_one_epoch_run_is_a_marked_point_on_an_integer_epoch_axis(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "smoke", epochs=1)
+    config = _trainer_config(model="densenet121", width=4, dtype="bfloat16", seed=7)
+    (run / "config.json").write_text(json.dumps(config))
+    figures = _drawn_figures(monkeypatch)
+    plots.plot_runs([run], tmp_path / "test_accuracy.png")
+
+    (figure,) = figures
+    axes = figure.axes[0]
+    (line,) = axes.get_lines()
+    assert list(line.get_xdata()) == [1]
+    assert line.get_marker() not in (None, "", " ", "None", "none")
+    assert line.get_markersize() > 0
+    (label,) = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert label == "swats_local (densenet121, width 4, bfloat16, seed 7)"
+    left, right = axes.get_xlim()
+    assert left < 1 < right and right - left >= 1  # the point is inside, with room
+    ticks = [tick for tick in axes.get_xticks() if left <= tick <= right]
+    assert ticks == [1]
+
+
+@pytest.mark.parametrize("epochs", [2, 7, 200])
+def test_epoch_ticks_are_whole_numbers_and_only_long_runs_lack_markers(
+    tmp_path, monkeypatch, epochs
+):
+    run = make_run(tmp_path / "run", epochs=epochs)
+    figures = _drawn_figures(monkeypatch)
+    plots.plot_runs([run], tmp_path / "p.png")
+    axes = figures[0].axes[0]
+    (line,) = axes.get_lines()
+    left, right = axes.get_xlim()
+    ticks = [tick for tick in axes.get_xticks() if left <= tick <= right]
+    assert len(ticks) >= 2 and all(float(tick).is_integer() for tick in ticks)
+    assert left < 1 and right > epochs
+    marked = line.get_marker() not in (None, "", " ", "None", "none")
+    assert marked == (epochs <= plots.MAX_MARKERS)
+
+
+def test_runs_differing_by_seed_or_width_are_told_apart_by_their_labels(tmp_path, monkeypatch):
+    runs = []
+    for name, fields in [("a", {"seed": 0}), ("b", {"seed": 1}), ("c", {"width": 16})]:
+        run = make_run(tmp_path / name)
+        (run / "config.json").write_text(json.dumps(_trainer_config(**fields)))
+        runs.append(run)
+    figures = _drawn_figures(monkeypatch)
+    plots.plot_runs(runs, tmp_path / "p.png")
+    assert [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()] == [
+        "swats_local (resnet18, float32, seed 0)",
+        "swats_local (resnet18, float32, seed 1)",
+        "swats_local (resnet18, width 16, float32, seed 0)",
+    ]

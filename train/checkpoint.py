@@ -32,6 +32,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train.messages import one_line
+
 logger = logging.getLogger(__name__)
 
 # Orbax's name for the only item of a single-item CheckpointManager.
@@ -118,9 +120,10 @@ class Checkpointer:
                 return step, self._restore(step, target)
             except Exception as error:  # Orbax and TensorStore raise many kinds.
                 message = _describe(error)
-                failures.append(f"{step_directory}: {message}")
+                failures.append(f"epoch {step} ({step_directory}): {message}")
                 logger.warning(
-                    "Skipping checkpoint %s, which cannot be restored: %s",
+                    "Skipping the checkpoint of epoch %d (%s), which cannot be restored: %s",
+                    step,
                     step_directory,
                     message,
                 )
@@ -193,9 +196,13 @@ def _spec(spec: tuple[tuple[int, ...], np.dtype]) -> str:
 
 
 def _describe(error: Exception) -> str:
-    """One line about ``error``: ours in full, Orbax's cut to its first line."""
+    """One line about ``error``: ours in full, Orbax's and TensorStore's reduced to the class
+    and first line of the error at the root of the chain (Orbax wraps TensorStore's read
+    errors in one that prints a whole TensorStore spec), without their internals."""
     if isinstance(error, CheckpointError):
         return str(error)
-    lines = str(error).strip().splitlines() or [""]
-    text = lines[0] if len(lines[0]) <= _MAX_ERROR_CHARS else lines[0][:_MAX_ERROR_CHARS] + "..."
-    return f"{type(error).__name__}: {text}"
+    for _ in range(10):  # a chain is short; a cycle must not hang the restore
+        if error.__cause__ is None or not str(error.__cause__).strip():
+            break
+        error = error.__cause__
+    return one_line(error, limit=_MAX_ERROR_CHARS)

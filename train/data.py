@@ -2,9 +2,12 @@
 
 ``load_cifar10(source)`` accepts:
 
-- ``"cifar10"``: the real dataset, through TensorFlow Datasets when TensorFlow and
-  ``tensorflow_datasets`` are installed, else downloaded from the CIFAR page, checked
-  against its published MD5 and kept in ``cache_dir``;
+- ``"cifar10"``: the real dataset: the official ``cifar-10-python.tar.gz`` if it is in
+  ``cache_dir`` (downloaded earlier, or put there by hand), else through TensorFlow
+  Datasets when TensorFlow and ``tensorflow_datasets`` are installed, else downloaded from
+  the CIFAR page, checked against its published MD5 and kept in ``cache_dir``. When TFDS
+  fails (a broken install, a failed download), one warning names its error and the
+  official archive is downloaded instead;
 - ``"synthetic"``: random images whose colour depends on the label, deterministic
   given ``seed``;
 - a folder in the official ``cifar-10-batches-py`` layout, or the folder holding it;
@@ -27,8 +30,11 @@ importable from here.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,7 @@ import numpy as np
 from train import data_readers as readers
 from train.data_cache import cached, download
 from train.dataset import IMAGE_SIZE, SPLITS, Dataset, DatasetError, checked
+from train.messages import one_line
 from train.preprocessing import MEAN, STD, augment, preprocess_eval
 
 __all__ = [
@@ -70,6 +77,10 @@ CIFAR10_CLASSES = (
     "truck",
 )
 DEFAULT_CACHE_DIR = "~/.cache/swats_jax"
+# The name of the official archive in the cache folder, where a copy put by hand is found.
+OFFICIAL_ARCHIVE = "cifar-10-python.tar.gz"
+
+log = logging.getLogger(__name__)
 
 
 def load_cifar10(
@@ -88,7 +99,8 @@ def load_cifar10(
         folders of the same name in the working directory.
       cache_dir: where the download and decoded arrays are kept; defaults to
         ``~/.cache/swats_jax``. Given with ``"cifar10"`` and TensorFlow Datasets, it
-        is also TFDS's ``data_dir``.
+        is also TFDS's ``data_dir``. An official ``cifar-10-python.tar.gz`` put in it
+        is used without any download.
       synthetic_size: numbers of train and test images for ``"synthetic"``.
       seed: seed of ``"synthetic"``.
       workers: processes decoding images; 1 decodes in this process.
@@ -98,17 +110,20 @@ def load_cifar10(
 
     Raises:
       DatasetError: the source is missing, unreadable, corrupt, in neither layout,
-        holds images that are not 32x32, or its download fails its checksum.
+        holds images that are not 32x32, or its download fails or fails its checksum
+        (the message, one line, then names the ways to run without a download).
     """
     source = os.fspath(source)
     if source == "synthetic":
         return _synthetic(*synthetic_size, seed=seed)
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     if source == "cifar10":
-        tfds = _import_tfds()
-        if tfds is not None:
-            return _load_tfds(tfds, None if cache_dir is None else os.fspath(cache))
-        path = _fetch_official(cache)
+        path = cache / OFFICIAL_ARCHIVE
+        if not path.is_file():
+            dataset = _try_tfds(None if cache_dir is None else os.fspath(cache))
+            if dataset is not None:
+                return dataset
+            _fetch_official(path)
     else:
         path = Path(source).expanduser()
 
@@ -151,17 +166,80 @@ def _synthetic(num_train: int, num_test: int, *, seed: int) -> Dataset:
     return Dataset(*split(num_train), *split(num_test), CIFAR10_CLASSES)
 
 
+def _try_tfds(data_dir: str | None) -> Dataset | None:
+    """CIFAR-10 through TensorFlow Datasets; None when TFDS is not installed, or fails for
+    another reason than bad data (logged as one warning line).
+
+    Raises:
+      DatasetError: TFDS delivered arrays that fail the checks of ``Dataset``.
+    """
+    with _quiet_tensorflow():
+        try:
+            tfds = _import_tfds()
+            return None if tfds is None else _load_tfds(tfds, data_dir)
+        except DatasetError:
+            raise
+        except Exception as err:  # a broken install, a failed download: TFDS raises anything
+            log.warning(
+                "TensorFlow Datasets could not load cifar10 (%s); using the official %s instead",
+                one_line(err),
+                OFFICIAL_ARCHIVE,
+            )
+            return None
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow() -> Iterator[None]:
+    """Mutes TensorFlow's logs and TFDS's warnings while TFDS runs.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` (TensorFlow's C++ logs) is set to 3, unless the user chose a
+    level (JAX sets 1 when it is imported; a user who wants TensorFlow's logs sets 0):
+    TensorFlow only reads data here, its C++ "errors" are about GPUs it is told not to use
+    (cuInit, cuDNN factories), and what goes wrong reaches Python as an exception. The
+    TensorFlow and absl Python loggers show errors only. All are restored afterwards, so as
+    not to mute JAX's logs. (A few lines TensorFlow prints when imported ignore the level.)
+    """
+    saved_env = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if saved_env in (None, "1"):
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    loggers = [logging.getLogger("tensorflow")]
+    try:
+        from absl import logging as absl_logging  # TFDS logs through absl
+
+        loggers.append(absl_logging.get_absl_logger())
+    except ImportError:
+        pass
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.ERROR))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if saved_env is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = saved_env
+
+
 def _import_tfds() -> Any:
-    """Returns ``tensorflow_datasets`` if it and TensorFlow (needed to prepare cifar10) import.
+    """Returns ``tensorflow_datasets`` if it and TensorFlow (needed to prepare cifar10) are
+    installed, else None.
 
     TensorFlow is kept off the GPUs: it would otherwise reserve most of their memory, which
     JAX needs.
+
+    Raises:
+      ImportError: they are installed but fail to import (say, a dependency is missing).
     """
     try:
         import tensorflow
         import tensorflow_datasets
-    except ImportError:
-        return None
+    except ModuleNotFoundError as err:
+        if err.name in ("tensorflow", "tensorflow_datasets"):
+            return None
+        raise
     try:
         tensorflow.config.set_visible_devices([], "GPU")
     except RuntimeError:  # TensorFlow already initialised its devices; nothing more to do
@@ -192,11 +270,22 @@ def _load_tfds(tfds: Any, data_dir: str | None) -> Dataset:
     )
 
 
-def _fetch_official(cache_dir: Path) -> Path:
-    path = cache_dir / "cifar-10-python.tar.gz"
-    if not path.is_file():
+def _fetch_official(path: Path) -> None:
+    """Downloads the official archive to ``path`` (in the cache folder), checking its MD5.
+
+    Raises:
+      DatasetError: the download failed; its one line names the ways to do without one.
+    """
+    try:
         download(CIFAR10_URL, path, md5=CIFAR10_MD5)
-    return path
+    except DatasetError as err:
+        reason = " ".join(str(err).splitlines())
+        raise DatasetError(
+            f"cannot download CIFAR-10: {reason}. Without a download: put {OFFICIAL_ARCHIVE} "
+            f"at {path}, where the next run finds it; or pass --data PATH with a local "
+            f"{OFFICIAL_ARCHIVE}, a cifar-10-batches-py folder or an image-folder archive "
+            "(train/<class>/*.jpg, test/<class>/*.jpg); or --data synthetic for a smoke run"
+        ) from err
 
 
 def _stamp(path: Path) -> tuple[int, int]:

@@ -1,9 +1,10 @@
 """Plots of training runs: a metric per epoch over several runs, and SWATS switch points.
 
-A run directory holds ``config.json`` (with at least ``opt`` and ``model``),
-``metrics.jsonl`` (one JSON object per epoch) and, for SWATS runs, ``switches.csv``
-(``layer,step,sgd_lr``), both read through :mod:`train.metrics`. Figures are drawn with
-Matplotlib's Agg canvas, so no display is needed. From the command line::
+A run directory holds ``config.json`` (with at least ``opt`` and ``model``; the legend
+also names ``width``, ``dtype`` and ``seed`` when it has them), ``metrics.jsonl`` (one JSON
+object per epoch) and, for SWATS runs, ``switches.csv`` (``layer,step,sgd_lr``), both read
+through :mod:`train.metrics`. Figures are drawn with Matplotlib's Agg canvas, so no display
+is needed. From the command line::
 
     python -m train.plots runs/swats runs/adam runs/sgd --out test_accuracy.png
     python -m train.plots runs/swats --out switches.png --switches
@@ -27,6 +28,8 @@ from train import metrics
 
 # Beyond this many layers, tick labels would overlap: the axis shows indices instead.
 MAX_LABELLED_LAYERS = 70
+# Runs of up to this many epochs show a marker per epoch; longer ones, a plain line.
+MAX_MARKERS = 50
 
 
 def plot_runs(
@@ -45,8 +48,10 @@ def plot_runs(
       workdirs: run directories.
       output: the PNG file to write; its folder is created if needed.
       metric: a key of the metrics records, e.g. ``test_accuracy`` or ``train_loss``.
-      labels: legend entries, one per run; by default ``"{opt} ({model})"`` from each
-        run's ``config.json``, with the directory name added where two runs agree.
+      labels: legend entries, one per run; by default from each run's ``config.json``,
+        ``"{opt} ({model}, width {width}, {dtype}, seed {seed})"`` (the fields it has; no
+        width when unset, i.e. the published one), with the directory name added where two
+        runs agree.
 
     Returns:
       The path of the PNG.
@@ -66,11 +71,25 @@ def plot_runs(
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
+    first, last = np.inf, -np.inf
     for workdir, label in zip(workdirs, labels):
         epochs, values = _series(workdir, metric)
-        axes.plot(epochs, 100 * values if percent else values, label=label, linewidth=1.5)
+        axes.plot(
+            epochs,
+            100 * values if percent else values,
+            label=label,
+            linewidth=1.5,
+            # A marker per epoch (a run of one epoch is one point); long runs are lines.
+            marker="o" if len(epochs) <= MAX_MARKERS else None,
+            markersize=4 if len(epochs) <= 20 else 2.5,
+        )
+        first, last = min(first, epochs[0]), max(last, epochs[-1])
+    # Whole epochs only (one tick for a single epoch), and half an epoch or more of room on
+    # either side, so that a first or single epoch is not drawn on the frame.
+    margin = max(0.5, 0.03 * (last - first))
+    axes.set_xlim(first - margin, last + margin)
     axes.set_xlabel("Epoch")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     axes.set_ylabel(name)
     axes.set_title(f"{name} per epoch")
     axes.grid(True, alpha=0.3)
@@ -155,7 +174,7 @@ def _default_labels(workdirs: list[Path]) -> list[str]:
         path = workdir / "config.json"
         try:
             config = json.loads(path.read_text())
-            labels.append(f"{config['opt']} ({config['model']})")
+            labels.append(f"{config['opt']} ({', '.join(_run_details(config))})")
         except OSError as error:
             raise ValueError(f"cannot read {path}: {error.strerror or error}") from error
         except (json.JSONDecodeError, TypeError, KeyError) as error:
@@ -164,6 +183,19 @@ def _default_labels(workdirs: list[Path]) -> list[str]:
         f"{label} [{workdir.name}]" if labels.count(label) > 1 else label
         for label, workdir in zip(labels, workdirs)
     ]
+
+
+def _run_details(config: dict) -> list[str]:
+    """Model, width, dtype and seed of a run, from its ``config.json`` (as far as it has them:
+    no width when unset, the model's published one)."""
+    details = [str(config["model"])]
+    if config.get("width") is not None:
+        details.append(f"width {config['width']}")
+    if config.get("dtype") is not None:
+        details.append(str(config["dtype"]))
+    if config.get("seed") is not None:
+        details.append(f"seed {config['seed']}")
+    return details
 
 
 def _series(workdir: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
