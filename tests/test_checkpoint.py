@@ -156,6 +156,7 @@ def test_all_corrupt_raises_naming_each_failure(tmp_path):
     message = str(info.value)
     assert str(tmp_path) in message
     assert str(tmp_path / "1") in message and str(tmp_path / "2") in message
+    assert "\n" not in message  # the CLI prints it as one line
 
 
 @pytest.mark.parametrize(

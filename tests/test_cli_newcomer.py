@@ -9,10 +9,12 @@ import logging
 import os
 import pathlib
 import signal
+from unittest import mock
 
 import pytest
+from test_data_fallback import official, offline, serve_official  # noqa: F401 (fixtures)
 
-from train import cifar, trainer
+from train import cifar, data, trainer
 
 TINY = [
     "--data=synthetic",
@@ -123,3 +125,61 @@ def test_partial_epoch_says_it_restarts(tmp_path, caplog):
         "epoch 1 stopped part-way last time (--max-steps) and starts again" in r.getMessage()
         for r in caplog.records
     )
+
+
+# --- the data and checkpoint routes, through the CLI ------------------------------------
+# The fixtures serve a fake official archive (15 training and 3 test images) or a closed
+# port: no test needs the network.
+OFFICIAL = ["--batch-size=5", "--width=4", "--eval-batch-size=3", "--epochs=1"]
+
+
+@pytest.mark.usefixtures("serve_official")
+def test_tfds_failure_falls_back_and_trains(tmp_path, caplog):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("tensorflow")
+
+    def failing_download_and_prepare(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'importlib_resources'")
+
+    caplog.set_level(logging.INFO, logger="train")
+    argv = [*OFFICIAL, "--data=cifar10", f"--cache-dir={tmp_path / 'cache'}"]
+    with tfds.testing.mock_data(num_examples=6):
+        with mock.patch.object(
+            tfds.core.DatasetBuilder, "download_and_prepare", failing_download_and_prepare
+        ):
+            assert cifar.main([*argv, f"--workdir={tmp_path / 'run'}"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        "TensorFlow Datasets could not load cifar10 (ModuleNotFoundError: No module named "
+        "'importlib_resources'); using the official cifar-10-python.tar.gz instead"
+    ]
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.usefixtures("offline")
+def test_offline_says_what_to_do_and_leaves_no_workdir(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "_import_tfds", lambda: None)
+    cache = tmp_path / "cache"
+    argv = [*OFFICIAL, "--data=cifar10", f"--cache-dir={cache}", f"--workdir={tmp_path / 'run'}"]
+    assert cifar.main(argv) == 2
+    err = _one_line(capsys)
+    assert "cannot download CIFAR-10" in err
+    assert f"put cifar-10-python.tar.gz at {cache / 'cifar-10-python.tar.gz'}" in err
+    assert "--data PATH" in err and "--data synthetic" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_checkpoint_is_one_line_by_epoch(tmp_path, capsys, caplog):
+    workdir = tmp_path / "run"
+    assert cifar.main([*TINY, "--epochs=1", f"--workdir={workdir}"]) == 0
+    for path in (workdir / "checkpoints" / "1").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    caplog.set_level(logging.WARNING, logger="train")
+    assert cifar.main([*TINY, "--epochs=2", f"--workdir={workdir}"]) == 2
+    err = _one_line(capsys)
+    assert f"No checkpoint in {workdir / 'checkpoints'} can be restored" in err
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"]
+    assert warning.startswith("Skipping the checkpoint of epoch 1 (")
+    for internals in ("pybind11", "TensorStore(", "<bound method"):
+        assert internals not in warning and internals not in err

@@ -130,7 +130,7 @@ class Checkpointer:
         if failures:
             raise CheckpointError(
                 f"No checkpoint in {self.directory} can be restored; move the directory away "
-                "to start over. Failures:\n  " + "\n  ".join(failures)
+                "to start over; " + "; ".join(failures)
             )
         return None
 
