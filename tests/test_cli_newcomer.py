@@ -12,7 +12,7 @@ import signal
 from unittest import mock
 
 import pytest
-from test_data_fallback import official, offline, serve_official  # noqa: F401 (fixtures)
+from test_data_fallback import official, offline, serve_official, tfds_online  # noqa: F401
 
 from train import cifar, data, trainer
 
@@ -133,7 +133,7 @@ def test_partial_epoch_says_it_restarts(tmp_path, caplog):
 OFFICIAL = ["--batch-size=5", "--width=4", "--eval-batch-size=3", "--epochs=1"]
 
 
-@pytest.mark.usefixtures("serve_official")
+@pytest.mark.usefixtures("serve_official", "tfds_online")
 def test_tfds_failure_falls_back_and_trains(tmp_path, caplog):
     tfds = pytest.importorskip("tensorflow_datasets")
     pytest.importorskip("tensorflow")

@@ -285,6 +285,7 @@ def test_cifar10_name_rejects_a_bad_download(http_server, tmp_path, monkeypatch)
 
 
 def test_cifar10_name_uses_tfds_when_installed(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_reachable", lambda host: True)  # TFDS is mocked
     pytest.importorskip("tensorflow")
     tfds = pytest.importorskip("tensorflow_datasets")
     monkeypatch.setattr(data, "TFDS_BATCH_SIZE", 4)  # 6 examples: two batches to join

@@ -53,6 +53,12 @@ def offline(monkeypatch):
     monkeypatch.setattr(data, "CIFAR10_URL", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
 
 
+@pytest.fixture
+def tfds_online(monkeypatch):
+    """TFDS's download host counts as reachable (TFDS itself is mocked or made to fail)."""
+    monkeypatch.setattr(data, "_reachable", lambda host: True)
+
+
 def _assert_same(actual: data.Dataset, expected: data.Dataset) -> None:
     assert actual.class_names == expected.class_names
     for name in ("train_images", "train_labels", "test_images", "test_labels"):
@@ -135,6 +141,7 @@ def _failed_tfds_download():
         (_failed_tfds_download, "ConnectionError: HTTPSConnectionPool(host="),
     ],
 )
+@pytest.mark.usefixtures("tfds_online")
 def test_tfds_failure_falls_back_to_the_official_archive(
     serve_official, tmp_path, monkeypatch, caplog, make_error, named
 ):
@@ -183,6 +190,7 @@ def test_tensorflow_log_level_is_raised_unless_the_user_chose_one(monkeypatch, b
     assert tensorflow_logger.level == level
 
 
+@pytest.mark.usefixtures("tfds_online")
 def test_a_bad_tfds_dataset_is_an_error_not_a_fallback(official, tmp_path, monkeypatch):
     """Arrays that TFDS delivered and that fail the checks are reported, not papered over."""
     pytest.importorskip("tensorflow")
@@ -231,3 +239,28 @@ def test_tfds_failing_to_import_warns_and_uses_the_official_archive(
         "TensorFlow Datasets could not load cifar10 (ModuleNotFoundError: No module named "
         "'ml_dtypes'); using the official cifar-10-python.tar.gz instead"
     ]
+
+
+@pytest.mark.usefixtures("offline")
+def test_offline_tfds_is_skipped_at_once(tmp_path, monkeypatch, caplog):
+    """Offline, TFDS (which retries its download for minutes) is not tried: the official
+    route's one-line error comes at once, with no warning before it."""
+    pytest.importorskip("tensorflow")
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "_reachable", lambda host: False)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("TFDS tried to download")
+
+    with tfds.testing.mock_data(num_examples=6):
+        with mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare", must_not_run):
+            with pytest.raises(DatasetError, match="cannot download CIFAR-10"):
+                data.load_cifar10("cifar10", cache_dir=tmp_path)
+    assert _warnings(caplog) == []
+
+
+def test_reachable_says_no_for_a_closed_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert not data._reachable("127.0.0.1", port, timeout_s=1.0)

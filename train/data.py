@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,12 +248,32 @@ def _import_tfds() -> Any:
     return tensorflow_datasets
 
 
+# Where TFDS downloads cifar10 from (the official archive's host).
+TFDS_DOWNLOAD_HOST = "www.cs.toronto.edu"
+
+
+def _reachable(host: str, port: int = 443, timeout_s: float = 5.0) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout_s``."""
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 # Read in batches of this size rather than with batch_size=-1, which needs the split sizes
 # from the dataset's metadata (mock and custom builds may lack them).
 TFDS_BATCH_SIZE = 10_000
 
 
-def _load_tfds(tfds: Any, data_dir: str | None) -> Dataset:
+def _load_tfds(tfds: Any, data_dir: str | None) -> Dataset | None:
+    if not tfds.builder("cifar10", data_dir=data_dir).is_prepared() and not _reachable(
+        TFDS_DOWNLOAD_HOST
+    ):
+        # Offline, TFDS would retry its download for minutes before failing; the official
+        # route fails at once with the message that says what to do instead.
+        log.info("%s is unreachable: skipping TensorFlow Datasets", TFDS_DOWNLOAD_HOST)
+        return None
     splits, info = tfds.load(
         "cifar10",
         split=["train", "test"],
