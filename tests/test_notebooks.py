@@ -6,6 +6,9 @@ would run it headless.
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,26 @@ import pytest
 jupytext = pytest.importorskip("jupytext")
 papermill = pytest.importorskip("papermill")
 
-COLAB = Path(__file__).resolve().parents[1] / "colab"
+ROOT = Path(__file__).resolve().parents[1]
+COLAB = ROOT / "colab"
 NOTEBOOKS = ["swats_quickstart", "swats_cifar10"]
+
+
+@pytest.fixture
+def kernel_env(monkeypatch, tmp_path):
+    """The environment the notebook kernels inherit.
+
+    The kernels run in a temporary folder: ``PYTHONPATH`` makes them import this checkout's
+    ``swats_jax`` and ``train``, not whichever copy is installed.
+    """
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", path)
+    for module in ("swats_jax", "train"):
+        find = f"import importlib.util; print(importlib.util.find_spec({module!r}).origin)"
+        origin = subprocess.run(
+            [sys.executable, "-c", find], capture_output=True, text=True, check=True, cwd=tmp_path
+        ).stdout.strip()
+        assert origin == str(ROOT / module / "__init__.py"), origin
 
 
 def _execute(name: str, output: Path, parameters: dict) -> dict:
@@ -74,7 +95,7 @@ def test_notebook_matches_its_jupytext_script(name):
     assert notebook.metadata["jupytext"]["formats"] == "ipynb,py:percent"
 
 
-def test_quickstart_runs(tmp_path):
+def test_quickstart_runs(tmp_path, kernel_env):
     notebook = _execute("swats_quickstart", tmp_path / "out.ipynb", {"steps": 300})
     printed = "".join(_outputs(notebook, "stream"))
     assert "swats_local: test accuracy" in printed
@@ -86,7 +107,7 @@ def test_quickstart_runs(tmp_path):
     assert len(_outputs(notebook, "display_data", "image/png")) == 4
 
 
-def test_cifar10_runs_and_resumes(tmp_path):
+def test_cifar10_runs_and_resumes(tmp_path, kernel_env):
     tiny = {
         "data": "synthetic",
         "synthetic_size": [96, 32],
