@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 jupytext = pytest.importorskip("jupytext")
@@ -26,10 +27,15 @@ def kernel_env(monkeypatch, tmp_path):
     """The environment the notebook kernels inherit.
 
     The kernels run in a temporary folder: ``PYTHONPATH`` makes them import this checkout's
-    ``swats_jax`` and ``train``, not whichever copy is installed.
+    ``swats_jax`` and ``train``, not whichever copy is installed. They also share the test
+    session's compilation cache (conftest.py), so that a program compiled in one kernel, or
+    by the trainer tests, is not compiled again.
     """
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(min_time))
     for module in ("swats_jax", "train"):
         find = f"import importlib.util; print(importlib.util.find_spec({module!r}).origin)"
         origin = subprocess.run(
@@ -108,9 +114,11 @@ def test_quickstart_runs(tmp_path, kernel_env):
 
 
 def test_cifar10_runs_and_resumes(tmp_path, kernel_env):
+    # The data and model of test_trainer.TINY: the trainer tests find these programs in the
+    # session's compilation cache (and the second session finds the first one's).
     tiny = {
         "data": "synthetic",
-        "synthetic_size": [96, 32],
+        "synthetic_size": [128, 64],
         "batch_size": 32,
         "width": 4,
         "workdir": str(tmp_path / "runs"),
