@@ -9,8 +9,11 @@ import ast
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from train.config import OPTIMIZERS, Config
@@ -23,12 +26,26 @@ COLAB = ROOT / "colab"
 NOTEBOOKS = ["swats_quickstart", "swats_cifar10"]
 
 
-@pytest.fixture(autouse=True)
-def _kernels_import_this_checkout(monkeypatch):
-    """The kernels run in a temporary folder: without this they would import ``train`` and
-    ``swats_jax`` from wherever the package is installed, not from the code under test."""
-    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
+@pytest.fixture
+def kernel_env(monkeypatch, tmp_path):
+    """The environment the notebook kernels inherit.
+
+    The kernels run in a temporary folder: ``PYTHONPATH`` makes them import this checkout's
+    ``swats_jax`` and ``train``, not whichever copy is installed. They also share the test
+    session's compilation cache (conftest.py), so that a program compiled in one kernel, or
+    by the trainer tests, is not compiled again.
+    """
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(min_time))
+    for module in ("swats_jax", "train"):
+        find = f"import importlib.util; print(importlib.util.find_spec({module!r}).origin)"
+        origin = subprocess.run(
+            [sys.executable, "-c", find], capture_output=True, text=True, check=True, cwd=tmp_path
+        ).stdout.strip()
+        assert origin == str(ROOT / module / "__init__.py"), origin
 
 
 def _execute(name: str, output: Path, parameters: dict) -> dict:
@@ -99,7 +116,7 @@ def test_cifar10_parameters_are_the_config_fields():
     assert set(ast.literal_eval(declared["optimizers"]["default"])) <= set(OPTIMIZERS)
 
 
-def test_quickstart_runs(tmp_path):
+def test_quickstart_runs(tmp_path, kernel_env):
     notebook = _execute("swats_quickstart", tmp_path / "out.ipynb", {"steps": 300})
     printed = "".join(_outputs(notebook, "stream"))
     assert "swats_local: test accuracy" in printed
@@ -111,10 +128,12 @@ def test_quickstart_runs(tmp_path):
     assert len(_outputs(notebook, "display_data", "image/png")) == 4
 
 
-def test_cifar10_runs_and_resumes(tmp_path):
+def test_cifar10_runs_and_resumes(tmp_path, kernel_env):
+    # The data and model of test_trainer.TINY: the trainer tests find these programs in the
+    # session's compilation cache (and the second session finds the first one's).
     tiny = {
         "data": "synthetic",
-        "synthetic_size": [96, 32],
+        "synthetic_size": [128, 64],
         "batch_size": 32,
         "width": 4,
         "workdir": str(tmp_path / "runs"),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import run_optimizer
+from helpers import run_optimizer
 from numpy_reference import reference_sgd_magnitudes, swats_reference
 from problems import make_problem
 

@@ -118,8 +118,12 @@ def test_cli_end_to_end_resnet18(tmp_path, capsys):
 
 
 def test_cli_end_to_end_densenet121_bfloat16(tmp_path):
+    # Compiling the full DenseNet-121 takes most of the time; its data is as small as the
+    # checks allow: 4 steps per epoch, so that --max-steps=2 stops within the first epoch.
     workdir = tmp_path / "run"
-    args = [*TINY, "--model=densenet121", "--dtype=bfloat16", "--opt=adabound", "--max-steps=2"]
+    tiny = ["--data=synthetic", "--synthetic-size", "32", "16", "--batch-size=8", "--width=4"]
+    args = [*tiny, "--eval-batch-size=16", "--model=densenet121", "--dtype=bfloat16"]
+    args += ["--opt=adabound", "--max-steps=2"]
     assert cifar.main([*args, f"--workdir={workdir}"]) == 0
     (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 2 and not record["complete"] and np.isfinite(record["train_loss"])
@@ -163,7 +167,13 @@ def test_cli_on_an_image_folder_archive(tmp_path):
     archive = tmp_path / "fake-cifar.tar.xz"
     _write_image_folder_archive(archive, per_class=4)
     workdir = tmp_path / "run"
-    args = ["--batch-size=8", "--width=4", "--epochs=1", "--opt=swats_global"]
+    args = [
+        "--batch-size=8",
+        "--width=4",
+        "--eval-batch-size=10",
+        "--epochs=1",
+        "--opt=swats_global",
+    ]
     assert cifar.main([*args, f"--data={archive}", f"--workdir={workdir}",
                        f"--cache-dir={tmp_path / 'cache'}"]) == 0  # fmt: skip
     (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,21 @@
+"""Helpers shared by the optimizer tests (imported like ``problems`` and ``numpy_reference``)."""
+
+import jax
+import numpy as np
+
+
+def run_optimizer(opt, params, grad_fn, num_steps, *, jit=True):
+    """Applies ``opt`` for ``num_steps`` steps; returns the params after each step and the state.
+
+    ``grad_fn(count, params_list)`` returns the gradients as a list, like the NumPy reference.
+    """
+    state = opt.init(params)
+    update = jax.jit(opt.update) if jit else opt.update
+    history = []
+    for count in range(num_steps):
+        grads = grad_fn(count, [np.asarray(p) for p in params])
+        grads = [jax.numpy.asarray(g, dtype=p.dtype) for g, p in zip(grads, params)]
+        updates, state = update(grads, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        history.append(params)
+    return history, state
