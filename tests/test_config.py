@@ -69,7 +69,9 @@ def test_every_field_has_a_flag_with_its_default():
         assert action.option_strings == [_flag(field)]
         assert action.default == field.default and action.help.startswith(field.metadata["help"])
         assert action.choices == field.metadata["choices"]
-    assert set(actions) == {f.name for f in FIELDS} | {"help", "workdir"}
+    # Besides the fields: the workdir, and how this process joins others (not run options).
+    processes = {"distributed", "coordinator", "num_processes", "process_id"}
+    assert set(actions) == {f.name for f in FIELDS} | {"help", "workdir"} | processes
     assert Config.from_values(vars(parser.parse_args([]))) == Config()
 
 
