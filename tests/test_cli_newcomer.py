@@ -183,3 +183,10 @@ def test_corrupt_checkpoint_is_one_line_by_epoch(tmp_path, capsys, caplog):
     assert warning.startswith("Skipping the checkpoint of epoch 1 (")
     for internals in ("pybind11", "TensorStore(", "<bound method"):
         assert internals not in warning and internals not in err
+
+
+def test_process_flags_go_together(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cifar.main(["--coordinator=localhost:1234"])
+    assert exit_info.value.code == 2
+    assert "--coordinator, --num-processes and --process-id go together" in _one_line(capsys)
