@@ -107,13 +107,16 @@ def test_notebook_matches_its_jupytext_script(name):
 
 def test_cifar10_parameters_are_the_config_fields():
     """Every run option is a parameter of the notebook, with the command line's default, so
-    that a new ``Config`` field cannot be left out of it."""
+    that a new ``Config`` field cannot be left out of it; ``opt`` and ``seed`` are lists,
+    ``optimizers`` and ``seeds``, whose runs the notebook makes (by default the one seed of
+    the command line)."""
     declared = papermill.inspect_notebook(str(COLAB / "swats_cifar10.ipynb"))
-    options = {field.name for field in dataclasses.fields(Config)} - {"opt"}  # `optimizers`
-    assert set(declared) == options | {"optimizers", "workdir"}
+    options = {field.name for field in dataclasses.fields(Config)} - {"opt", "seed"}
+    assert set(declared) == options | {"optimizers", "seeds", "workdir"}
     defaults = {name: ast.literal_eval(declared[name]["default"]) for name in options}
     assert Config.from_values(defaults) == Config()
     assert set(ast.literal_eval(declared["optimizers"]["default"])) <= set(OPTIMIZERS)
+    assert ast.literal_eval(declared["seeds"]["default"]) == [Config().seed]
 
 
 def test_quickstart_runs(tmp_path, kernel_env):
@@ -152,16 +155,23 @@ def test_cifar10_runs_and_resumes(tmp_path, kernel_env):
     }
     tables = _outputs(notebook, "display_data", "text/markdown")
     assert sum("| layer | step | sgd_lr |" in md for md in tables) == 2
-    assert "| swats_local | 1 |" in tables[-1] and "| 94.13 |" in tables[-1]
+    assert "| swats_local | resnet18 | 0 | 1 |" in tables[-1] and "| 94.13 |" in tables[-1]
+    assert " ± — (1) |" in tables[-1]
 
     # A second session with more epochs picks the run up from its checkpoint, as after a
-    # Colab disconnect: epoch 1 is not trained again.
+    # Colab disconnect: epoch 1 is not trained again. Seed 1 is new: a run of its own.
     run = tmp_path / "runs" / "swats_local-resnet18"
     first_epoch = (run / "metrics.jsonl").read_text().splitlines()[0]
-    _execute(
+    notebook = _execute(
         "swats_cifar10",
         tmp_path / "second.ipynb",
-        {**tiny, "epochs": 2, "optimizers": ["swats_local"]},
+        {**tiny, "epochs": 2, "optimizers": ["swats_local"], "seeds": [0, 1]},
     )
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and lines[0] == first_epoch
+    seed_1 = tmp_path / "runs" / "swats_local-resnet18-seed1"
+    assert json.loads((seed_1 / "config.json").read_text())["seed"] == 1
+    assert len((seed_1 / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (figures / "switches-swats_local-seed1.png").exists()
+    table = _outputs(notebook, "display_data", "text/markdown")[-1]
+    assert "| swats_local | resnet18 | 0, 1 | 2 |" in table and " (2) |" in table

@@ -228,7 +228,7 @@ def test_runs_differing_by_seed_or_width_are_told_apart_by_their_labels(tmp_path
         (run / "config.json").write_text(json.dumps(_trainer_config(**fields)))
         runs.append(run)
     figures = _drawn_figures(monkeypatch)
-    plots.plot_runs(runs, tmp_path / "p.png")
+    plots.plot_runs(runs, tmp_path / "p.png", group_seeds=False)  # grouped: test_results.py
     assert [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()] == [
         "swats_local (resnet18, float32, seed 0)",
         "swats_local (resnet18, float32, seed 1)",

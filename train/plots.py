@@ -3,17 +3,19 @@
 A run directory holds ``config.json`` (with at least ``opt`` and ``model``; the legend
 also names ``width``, ``dtype`` and ``seed`` when it has them), ``metrics.jsonl`` (one JSON
 object per epoch) and, for SWATS runs, ``switches.csv`` (``layer,step,sgd_lr``), both read
-through :mod:`train.metrics`. Figures are drawn with Matplotlib's Agg canvas, so no display
-is needed. From the command line::
+through :mod:`train.metrics` (runs, once each, through :func:`train.results.read_run`).
+Runs that differ only by seed are drawn as their mean ± std over seeds (grouped as in
+:mod:`train.results`). Figures are drawn with Matplotlib's Agg canvas, so no display is
+needed. From the command line::
 
     python -m train.plots runs/swats runs/adam runs/sgd --out test_accuracy.png
+    python -m train.plots runs/swats-s0 runs/swats-s1 runs/swats-s2 --out seeds.png
     python -m train.plots runs/swats --out switches.png --switches
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -24,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from train import metrics
+from train import metrics, results
 
 # Beyond this many layers, tick labels would overlap: the axis shows indices instead.
 MAX_LABELLED_LAYERS = 70
@@ -38,51 +40,72 @@ def plot_runs(
     *,
     metric: str = "test_accuracy",
     labels: Sequence[str] | None = None,
+    group_seeds: bool = True,
 ) -> Path:
-    """Plots ``metric`` per epoch, one line per run, and saves the figure as a PNG.
+    """Plots ``metric`` per epoch, one line per run or group of seeds, and saves the figure
+    as a PNG.
 
-    Accuracies are shown in percent. If an epoch was logged twice (a run resumed from
-    an earlier checkpoint), its last record is plotted.
+    Runs that differ only by seed (see :mod:`train.results`) are one group, drawn as the mean
+    over its runs with a band of ± the sample standard deviation (ddof=1), over the epochs
+    that all of them have; a run without other seeds is drawn alone. Accuracies are shown in
+    percent. If an epoch was logged twice (a run resumed from an earlier checkpoint), its
+    last record is plotted.
 
     Args:
       workdirs: run directories.
       output: the PNG file to write; its folder is created if needed.
       metric: a key of the metrics records, e.g. ``test_accuracy`` or ``train_loss``.
-      labels: legend entries, one per run; by default from each run's ``config.json``,
-        ``"{opt} ({model}, width {width}, {dtype}, seed {seed})"`` (the fields it has; no
-        width when unset, i.e. the published one), with the directory name added where two
-        runs agree.
+      labels: legend entries, one per line (group), in the order of each group's first
+        run; by default from the runs' ``config.json``, ``"{opt} ({model}, width {width},
+        {dtype}, seed {seed})"`` (the fields it has; no width when unset, i.e. the published
+        one), with ``"{n} seeds"`` for a group instead of the seed. Where two lines would
+        agree, a run's directory name is added, or for groups the fields that tell them
+        apart.
+      group_seeds: group the runs that differ only by seed; ``False``: one line per run.
 
     Returns:
       The path of the PNG.
 
     Raises:
-      ValueError: a run lacks its metrics or config, or has no epoch with ``metric``.
+      ValueError: a run lacks its metrics or config, has no epoch with ``metric``, or
+        shares no epoch with the other seeds of its group.
     """
-    workdirs = [Path(workdir) for workdir in workdirs]
-    if not workdirs:
+    runs = [results.read_run(workdir) for workdir in workdirs]
+    if not runs:
         raise ValueError("no run directory to plot")
+    if group_seeds:
+        groups = results.group_runs(runs)
+    else:
+        groups = [results.Group((run,)) for run in runs]
     if labels is None:
-        labels = _default_labels(workdirs)
-    elif len(labels) != len(workdirs):
-        raise ValueError(f"got {len(labels)} labels for {len(workdirs)} runs")
+        labels = _default_labels(groups)
+    elif len(labels) != len(groups):
+        raise ValueError(f"got {len(labels)} labels for {len(groups)} runs or groups of seeds")
     percent = metric.endswith("accuracy")
+    scale = 100 if percent else 1
     name = metric.replace("_", " ").capitalize() + (" (%)" if percent else "")
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
     first, last = np.inf, -np.inf
-    for workdir, label in zip(workdirs, labels):
-        epochs, values = _series(workdir, metric)
-        axes.plot(
+    for group, label in zip(groups, labels):
+        epochs, values = group.series(metric)
+        mean = scale * values.mean(axis=0)
+        (line,) = axes.plot(
             epochs,
-            100 * values if percent else values,
+            mean,
             label=label,
             linewidth=1.5,
             # A marker per epoch (a run of one epoch is one point); long runs are lines.
             marker="o" if len(epochs) <= MAX_MARKERS else None,
             markersize=4 if len(epochs) <= 20 else 2.5,
         )
+        if len(values) > 1:
+            std = scale * values.std(axis=0, ddof=1)
+            colour = line.get_color()
+            axes.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+            if len(epochs) == 1:  # a band one epoch wide is not drawn: an error bar instead
+                axes.errorbar(epochs, mean, yerr=std, color=colour, capsize=4, linestyle="none")
         first, last = min(first, epochs[0]), max(last, epochs[-1])
     # Whole epochs only (one tick for a single epoch), and half an epoch or more of room on
     # either side, so that a first or single epoch is not drawn on the frame.
@@ -91,7 +114,8 @@ def plot_runs(
     axes.set_xlabel("Epoch")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     axes.set_ylabel(name)
-    axes.set_title(f"{name} per epoch")
+    spread = any(len(group.runs) > 1 for group in groups)
+    axes.set_title(f"{name} per epoch" + (" (mean ± std over seeds)" if spread else ""))
     axes.grid(True, alpha=0.3)
     axes.legend()
     return _save(figure, output)
@@ -150,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--switches", action="store_true", help="plot the SWATS switches of one run instead"
     )
+    parser.add_argument(
+        "--each-run",
+        action="store_true",
+        help="one line per run, rather than the mean ± std of the runs that differ only by seed",
+    )
     args = parser.parse_args(argv)
     if args.switches and len(args.runs) != 1:
         parser.error("--switches takes exactly one run directory")
@@ -160,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.switches:
             path = plot_switches(args.runs[0], args.out)
         else:
-            path = plot_runs(args.runs, args.out, metric=args.metric)
+            path = plot_runs(args.runs, args.out, metric=args.metric, group_seeds=not args.each_run)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -168,50 +197,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _default_labels(workdirs: list[Path]) -> list[str]:
-    labels = []
-    for workdir in workdirs:
-        path = workdir / "config.json"
-        try:
-            config = json.loads(path.read_text())
-            labels.append(f"{config['opt']} ({', '.join(_run_details(config))})")
-        except OSError as error:
-            raise ValueError(f"cannot read {path}: {error.strerror or error}") from error
-        except (json.JSONDecodeError, TypeError, KeyError) as error:
-            raise ValueError(f"{path}: expected a JSON object with 'opt' and 'model'") from error
-    return [
-        f"{label} [{workdir.name}]" if labels.count(label) > 1 else label
-        for label, workdir in zip(labels, workdirs)
-    ]
+def _default_labels(groups: list[results.Group]) -> list[str]:
+    labels = [f"{group.config['opt']} ({', '.join(_run_details(group))})" for group in groups]
+    named = []
+    for label, group in zip(labels, groups):
+        alike = [other for other, same in zip(groups, labels) if same == label]
+        if len(alike) == 1:
+            named.append(label)
+        elif len(group.runs) == 1:
+            named.append(f"{label} [{group.runs[0].workdir.name}]")
+        else:  # groups alike but for other fields (lr, recipe, ...): name those
+            fields = results.differing_fields(alike)
+            values = ", ".join(f"{f} {results.format_value(group.config.get(f))}" for f in fields)
+            named.append(f"{label} [{values}]")
+    return named
 
 
-def _run_details(config: dict) -> list[str]:
-    """Model, width, dtype and seed of a run, from its ``config.json`` (as far as it has them:
-    no width when unset, the model's published one)."""
+def _run_details(group: results.Group) -> list[str]:
+    """Model, width, dtype and seed (or number of seeds) of a run or group, from the
+    ``config.json`` of its runs (as far as they have them: no width when unset, the
+    model's published one)."""
+    config = group.runs[0].config
     details = [str(config["model"])]
     if config.get("width") is not None:
         details.append(f"width {config['width']}")
     if config.get("dtype") is not None:
         details.append(str(config["dtype"]))
-    if config.get("seed") is not None:
+    if len(group.runs) > 1:
+        details.append(f"{len(group.runs)} seeds")
+    elif config.get("seed") is not None:
         details.append(f"seed {config['seed']}")
     return details
-
-
-def _series(workdir: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Epochs and values of ``metric``, sorted by epoch, the last record of an epoch winning."""
-    records = metrics.read_metrics(workdir)
-    path = workdir / "metrics.jsonl"
-    if not records:
-        raise ValueError(f"{path} has no epoch yet")
-    by_epoch = {}
-    for record in records:
-        if "epoch" not in record or metric not in record:
-            available = ", ".join(sorted(record))
-            raise ValueError(f"{path}: a record lacks 'epoch' or {metric!r} (it has {available})")
-        by_epoch[record["epoch"]] = record[metric]
-    epochs = sorted(by_epoch)
-    return np.asarray(epochs), np.asarray([by_epoch[e] for e in epochs], dtype=float)
 
 
 def _save(figure: Figure, output: str | os.PathLike) -> Path:
