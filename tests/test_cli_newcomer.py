@@ -190,3 +190,17 @@ def test_process_flags_go_together(capsys):
         cifar.main(["--coordinator=localhost:1234"])
     assert exit_info.value.code == 2
     assert "--coordinator, --num-processes and --process-id go together" in _one_line(capsys)
+
+
+def test_one_epoch_plot_is_a_labelled_point(tmp_path, monkeypatch):
+    from train import plots
+
+    figures = []
+    monkeypatch.setattr(plots.Figure, "savefig", lambda figure, *a, **k: figures.append(figure))
+    assert cifar.main([*TINY, "--epochs=1", "--seed=3", f"--workdir={tmp_path / 'run'}"]) == 0
+    (figure,) = figures  # test_accuracy.png
+    axes = figure.axes[0]
+    (line,) = axes.get_lines()
+    assert list(line.get_xdata()) == [1] and line.get_marker() not in (None, "", "None")
+    (label,) = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert label == "swats_local (resnet18, width 4, float32, seed 3)"
