@@ -1,7 +1,20 @@
-"""Helpers shared by the optimizer tests (imported like ``problems`` and ``numpy_reference``)."""
+"""Helpers shared by the tests (imported like ``problems`` and ``numpy_reference``)."""
 
 import jax
 import numpy as np
+
+# Command-line flags of a tiny training run: synthetic data (128 training and 64 test
+# images), a width-4 network, 4 steps of 32 images per epoch. The trainer, CLI and notebook
+# tests share them, and so share the compiled programs in the session's cache.
+TINY = [
+    "--data=synthetic",
+    "--synthetic-size",
+    "128",
+    "64",
+    "--batch-size=32",
+    "--width=4",
+    "--eval-batch-size=32",
+]
 
 
 def run_optimizer(opt, params, grad_fn, num_steps, *, jit=True):

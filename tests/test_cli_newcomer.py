@@ -12,19 +12,10 @@ import signal
 from unittest import mock
 
 import pytest
+from helpers import TINY
 from test_data_fallback import official, offline, serve_official, tfds_online  # noqa: F401
 
 from train import cifar, data, trainer
-
-TINY = [
-    "--data=synthetic",
-    "--synthetic-size",
-    "128",
-    "64",
-    "--batch-size=32",
-    "--width=4",
-    "--eval-batch-size=32",
-]  # 4 steps per epoch
 
 
 def _one_line(capsys) -> str:
@@ -72,11 +63,18 @@ def test_failed_run_leaves_no_workdir_it_created(tmp_path, capsys):
     assert not workdir.exists()
 
 
-def test_non_finite_flags_are_refused(capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr=inf"], "lr must be a finite number, got inf"),
+        (["--coordinator=localhost:1234"], "--coordinator, --num-processes and --process-id go"),
+    ],
+)
+def test_flag_errors_are_one_line_before_jax(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        cifar.main(["--lr=inf"])
+        cifar.main(argv)
     assert exit_info.value.code == 2
-    assert "lr must be a finite number, got inf" in _one_line(capsys)
+    assert message in _one_line(capsys)
 
 
 def test_non_finite_loss_stops_with_exit_3_and_saves_nothing(tmp_path, capsys):
@@ -183,13 +181,6 @@ def test_corrupt_checkpoint_is_one_line_by_epoch(tmp_path, capsys, caplog):
     assert warning.startswith("Skipping the checkpoint of epoch 1 (")
     for internals in ("pybind11", "TensorStore(", "<bound method"):
         assert internals not in warning and internals not in err
-
-
-def test_process_flags_go_together(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cifar.main(["--coordinator=localhost:1234"])
-    assert exit_info.value.code == 2
-    assert "--coordinator, --num-processes and --process-id go together" in _one_line(capsys)
 
 
 def test_one_epoch_plot_is_a_labelled_point(tmp_path, monkeypatch):

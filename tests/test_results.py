@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
@@ -18,16 +19,7 @@ from matplotlib.colors import to_rgb
 
 from train import cifar, plots, results
 
-TINY = [
-    "--data=synthetic",
-    "--synthetic-size",
-    "128",
-    "64",
-    "--batch-size=32",
-    "--width=4",
-    "--eval-batch-size=32",
-    "--epochs=2",
-]  # 4 steps per epoch
+TINY = [*helpers.TINY, "--epochs=2"]  # 4 steps per epoch
 SEEDS = (0, 1, 2)
 
 

@@ -12,22 +12,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import TINY
 from PIL import Image
 
 from train import cifar, models
 from train.checkpoint import Checkpointer
 from train.config import Config, make_optimizer
 from train.trainer import init_model, train_and_evaluate
-
-TINY = [
-    "--data=synthetic",
-    "--synthetic-size",
-    "128",
-    "64",
-    "--batch-size=32",
-    "--width=4",
-    "--eval-batch-size=32",
-]
 
 
 def tiny_config(**overrides) -> Config:
