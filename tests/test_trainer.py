@@ -274,8 +274,12 @@ def test_sharded_run_equals_single_device_run(tmp_path):
         print("OK")
         """
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": str(root / "tests"),  # test_trainer imports the tests' helpers
+    }
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root
     )
