@@ -1,15 +1,17 @@
 """rates.csv, the switch tests of a SWATS run per epoch: written and read by train.metrics,
-kept across a resume by the trainer."""
+kept across a resume by the trainer, drawn by ``python -m train.plots --rates``."""
 
+import inspect
 import json
 import logging
 
 import numpy as np
 import pytest
 from test_cli_newcomer import TINY
+from test_plots import assert_png_with_content
 
 import swats_jax
-from train import cifar, metrics
+from train import cifar, metrics, plots
 from train.metrics import MetricsError
 
 
@@ -98,6 +100,78 @@ def test_unreadable_rates_raise_metrics_error_naming_the_file(tmp_path, content,
             metrics.keep_rates_up_to(tmp_path, 1)
 
 
+def test_the_plotted_tolerances_are_those_the_trainer_uses():
+    local = inspect.signature(swats_jax.swats_local).parameters
+    global_ = inspect.signature(swats_jax.swats_global).parameters
+    assert plots.SWITCH_TESTS["swats_local"][:2] == ("absolute_gap", local["switch_tol"].default)
+    assert plots.SWITCH_TESTS["swats_global"][:2] == (
+        "relative_gap",
+        global_["switch_rtol"].default,
+    )
+
+
+def _drawn(monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots.Figure, "savefig", lambda figure, *a, **k: figures.append(figure))
+    return figures
+
+
+@pytest.mark.parametrize(
+    "opt, gap, tolerance",
+    [
+        ("swats_local", "absolute gap", 1e-5),
+        ("swats_global", "relative gap", 1e-5),
+        ("?", "relative gap", None),
+    ],
+)
+def test_plot_rates_shows_the_gap_the_test_compares_and_its_tolerance(
+    tmp_path, monkeypatch, opt, gap, tolerance
+):
+    run = _fake_run(tmp_path / "run", opt=opt)
+    figures = _drawn(monkeypatch)
+    plots.plot_rates(run, tmp_path / "rates.png")
+    (figure,) = figures
+    heat, summary = figure.axes[:2]
+    assert summary.get_ylabel() == gap
+    dashed = [line.get_ydata()[0] for line in summary.get_lines() if line.get_linestyle() == "--"]
+    assert dashed == ([tolerance] if tolerance else [])
+    # Rows by the epoch of their switch: block0/0 switched first (epoch 2), then 1, 2.
+    labels = [tick.get_text() for tick in heat.get_yticklabels()]
+    assert labels[:3] == [f"block0/{i}/conv/kernel" for i in range(3)]
+    marks = heat.collections[-1].get_offsets()
+    assert [tuple(m) for m in np.asarray(marks)] == [(2, 0), (3, 1), (4, 2)]
+
+
+def test_plot_rates_of_densenet_size_is_one_readable_png(tmp_path, monkeypatch):
+    run = _fake_run(tmp_path / "run", num_layers=362, epochs=5)
+    assert_png_with_content(plots.plot_rates(run, tmp_path / "rates.png"))
+    figures = _drawn(monkeypatch)
+    plots.plot_rates(run, tmp_path / "again.png")
+    heat = figures[0].axes[0]
+    assert "362" in heat.get_ylabel() and len(heat.get_yticklabels()) < 20
+    width, height = figures[0].get_size_inches()
+    assert height <= 15
+
+
+def test_cli_rates_default_output_and_bad_input(tmp_path, capsys):
+    run = _fake_run(tmp_path / "run")
+    assert plots.main(["--rates", str(run)]) == 0
+    assert_png_with_content(run / "rates.png")
+    assert plots.main(["--rates", str(run), "--out", str(tmp_path / "r.png")]) == 0
+    assert_png_with_content(tmp_path / "r.png")
+    capsys.readouterr()
+    assert plots.main(["--rates", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"error: no run directory {tmp_path / 'nope'}\n"
+    (run / "rates.csv").unlink()
+    assert plots.main(["--rates", str(run)]) == 2
+    assert "rates.csv" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        plots.main(["--rates", str(run), str(run)])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        plots.main([str(run)])  # neither --out nor --rates
+
+
 def test_a_cli_run_writes_rates_and_keeps_them_across_a_resume(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="train")
     workdir = tmp_path / "run"
@@ -111,6 +185,9 @@ def test_a_cli_run_writes_rates_and_keeps_them_across_a_resume(tmp_path, caplog)
     epoch_lines = [r.getMessage() for r in caplog.records if "evaluated in" in r.getMessage()]
     assert len(epoch_lines) == 2
     assert all("over the" in m and "in Adam" in m or "none left in Adam" in m for m in epoch_lines)
+
+    assert plots.main(["--rates", str(workdir)]) == 0
+    assert_png_with_content(workdir / "rates.png")
 
     # Rows written after the last checkpoint (as by a crash between the two) are dropped
     # when the run resumes from it.
