@@ -26,7 +26,8 @@
 # - `swats_global()`: the whole network switches when the first array's test passes.
 #
 # This notebook runs on a CPU in a few minutes: a small network on a toy problem, the
-# switch events, the effect of the switch tolerance, and local against global switching.
+# switch events, the effect of the switch tolerance, how far each array is from switching,
+# and local against global switching.
 # The CIFAR-10 reproduction is in `swats_cifar10.ipynb`.
 
 # %% tags=["parameters"]
@@ -144,8 +145,9 @@ plt.show()
 
 
 # %%
-def train(optimizer, steps=steps, batch=64, seed=seed):
-    """Trains with minibatches; returns the parameters, the final state and the losses."""
+def train(optimizer, steps=steps, batch=64, seed=seed, record=None):
+    """Trains with minibatches; returns the parameters, the final state and the losses
+    (and, given `record`, what `record(state)` returned after each step, stacked)."""
     params = init_params(jax.random.key(seed))
 
     def step(carry, key):
@@ -153,12 +155,15 @@ def train(optimizer, steps=steps, batch=64, seed=seed):
         index = jax.random.choice(key, len(train_y), (batch,), replace=False)
         loss, grads = jax.value_and_grad(loss_fn)(params, train_x[index], train_y[index])
         updates, state = optimizer.update(grads, state, params)
-        return (optax.apply_updates(params, updates), state), loss
+        recorded = None if record is None else record(state)
+        return (optax.apply_updates(params, updates), state), (loss, recorded)
 
     keys = jax.random.split(jax.random.key(seed + 2), steps)
     run = jax.jit(lambda carry, keys: jax.lax.scan(step, carry, keys))
-    (params, state), losses = run((params, optimizer.init(params)), keys)
-    return params, state, np.asarray(losses)
+    (params, state), (losses, recorded) = run((params, optimizer.init(params)), keys)
+    if record is None:
+        return params, state, np.asarray(losses)
+    return params, state, np.asarray(losses), jax.device_get(recorded)
 
 
 def smooth(losses, window=50):
@@ -242,6 +247,112 @@ right.set_xlabel("step")
 right.set_ylabel("training loss (50-step mean)")
 right.legend()
 plt.show()
+
+# %% [markdown]
+# ## How far each array is from switching
+#
+# On every Adam step each array compares its running rate estimate Λ with the step's
+# projected rate γ. `switch_diagnostics` reads from the state the Λ and γ of each array's
+# last test and their gap; a `swats_local` array switches once `absolute_gap < switch_tol`
+# (and Λ > 0). After the `switch_tol=1e-4` run above (a switched array shows its switch
+# step's test):
+
+# %%
+diagnostics = swats_jax.switch_diagnostics(local_state)
+display(
+    Markdown(
+        "| array | phase | switch step | Λ | γ | absolute gap | relative gap |\n"
+        "|---|---|---:|---:|---:|---:|---:|\n"
+        + "".join(
+            f"| `{d.path}` | {d.phase} | {d.switch_step or ''} | {d.estimate:.4g} | "
+            f"{d.gamma:.4g} | {d.absolute_gap:.2e} | {d.relative_gap:.2e} |\n"
+            for d in diagnostics
+        )
+    )
+)
+
+# %% [markdown]
+# To follow the gaps step by step, train once with `switch_tol=0` (the test runs on every
+# step but never passes: Adam all along) and record the state after each step without its
+# parameter-sized buffers (a few numbers per array), then read every step with
+# `switch_diagnostics`. The gap of one minibatch's step is noisy (blue); what decides the
+# switch is the first step whose gap falls below the tolerance (with Λ > 0, after step 1),
+# that is where the smallest gap so far (red) crosses the tolerance's line.
+
+
+# %%
+def scalars_only(state):
+    """The state without its parameter-sized buffers: what switch_diagnostics reads."""
+    return jax.tree.map(lambda x: x if x.ndim == 0 else None, state)
+
+
+def at_step(recorded, t):
+    """The recorded state after step t + 1."""
+    return jax.tree.map(lambda x: x[t], recorded)
+
+
+never = chained(swats_jax.swats_local(learning_rate, switch_tol=0.0))
+*_, recorded = train(never, record=scalars_only)
+history = [swats_jax.switch_diagnostics(at_step(recorded, t)) for t in range(steps)]
+arrays = [d.path for d in history[0]]
+gaps = np.array([[d.absolute_gap for d in row] for row in history])  # [step, array]
+positive = np.array([[d.estimate > 0 for d in row] for row in history])
+
+# The test can pass where Λ > 0, from step 2 on: its smallest gap so far there is the curve
+# that crosses each tolerance on the step that tolerance would switch the array.
+testable = np.where(positive, gaps, np.inf)
+testable[0] = np.inf
+closest = np.minimum.accumulate(testable, axis=0)
+step_numbers = np.arange(1, steps + 1)
+figure, axes = plt.subplots(2, 3, figsize=(11, 5.5), sharex=True, sharey=True)
+for i, (name, ax) in enumerate(zip(arrays, axes.flat)):
+    ax.plot(step_numbers[1:], gaps[1:, i], color="C0", alpha=0.3, linewidth=0.5)
+    ax.plot(step_numbers, closest[:, i], color="C3", label="smallest so far")
+    for tol in tolerances:
+        ax.axhline(tol, color="black", linestyle="--", linewidth=0.7)
+    ax.set_title(name, fontsize=10)
+    ax.set_yscale("log")
+for ax in axes[1]:
+    ax.set_xlabel("step")
+for ax in axes[:, 0]:
+    ax.set_ylabel("|Λ - γ|")
+axes[0, 0].legend(fontsize=8)
+figure.suptitle(
+    "Each array's switch test in a run that never switches (dashed: "
+    + ", ".join(f"{tol:g}" for tol in tolerances)
+    + ")"
+)
+plt.show()
+
+
+def first_pass(tol):
+    """Per array, the first step whose test passes `tol`, or None: where the red curve
+    first falls below the line of `tol`."""
+    passes = testable < tol
+    return [int(np.argmax(p)) + 1 if p.any() else None for p in passes.T]
+
+
+# %% [markdown]
+# Which tolerance would have switched which array, and when, according to that run; in
+# brackets, the step each array switched on in the sweep above. The first array to switch
+# does so exactly when predicted (both runs are the same until then); after it, the network
+# trains differently, so the later switches drift from the prediction.
+
+# %%
+header = "| array | " + " | ".join(f"`switch_tol={tol:g}`" for tol in tolerances) + " |\n"
+rows = "|---|" + "---:|" * len(tolerances) + "\n"
+predicted = {tol: first_pass(tol) for tol in tolerances}
+actual = {tol: {e.path: e.step for e in sweep[tol][0]} for tol in tolerances}
+for i, name in enumerate(arrays):
+    cells = []
+    for tol in tolerances:
+        would, did = predicted[tol][i], actual[tol].get(name)
+        cells.append(f"{would or '-'} ({did or '-'})")
+    rows += f"| `{name}` | " + " | ".join(cells) + " |\n"
+display(Markdown(header + rows))
+for tol in tolerances:
+    count = sum(step is not None for step in predicted[tol])
+    print(f"switch_tol={tol:g} would switch {count} of {len(arrays)} arrays within {steps} steps")
 
 # %% [markdown]
 # ## Local against global switching

@@ -1,7 +1,14 @@
 """SWATS (switching from Adam to SGD) and AdaBound as Optax gradient transformations."""
 
 from swats_jax.adabound import AdaBoundState, adabound, scale_by_adabound
-from swats_jax.events import SwitchEvent, format_switch_table, num_switched, switch_events
+from swats_jax.events import (
+    SwitchDiagnostic,
+    SwitchEvent,
+    format_switch_table,
+    num_switched,
+    switch_diagnostics,
+    switch_events,
+)
 from swats_jax.swats import SwatsState, scale_by_swats, swats_global, swats_local
 
 __version__ = "0.1.0"
@@ -9,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaBoundState",
     "SwatsState",
+    "SwitchDiagnostic",
     "SwitchEvent",
     "adabound",
     "format_switch_table",
@@ -17,5 +25,6 @@ __all__ = [
     "scale_by_swats",
     "swats_global",
     "swats_local",
+    "switch_diagnostics",
     "switch_events",
 ]

@@ -1,4 +1,5 @@
-"""Reading the switch points back out of an optimizer state."""
+"""Reading the switch points, and how far each leaf is from its switch, out of an optimizer
+state."""
 
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ def _leaf_path(path: tuple[Any, ...]) -> str:
     return path_to_str(path)
 
 
+def _swats_states(opt_state: Any) -> list[SwatsState]:
+    """The :class:`SwatsState` values inside ``opt_state``, in pytree flatten order."""
+    is_swats = lambda x: isinstance(x, SwatsState)  # noqa: E731
+    return [s for s in jax.tree.leaves(opt_state, is_leaf=is_swats) if is_swats(s)]
+
+
 def switch_events(opt_state: Any) -> list[SwitchEvent]:
     """Lists the switches recorded in a SWATS state, sorted by step.
 
@@ -60,18 +67,121 @@ def switch_events(opt_state: Any) -> list[SwitchEvent]:
     Returns:
       The events, sorted by step (ties keep pytree flatten order).
     """
-    is_swats = lambda x: isinstance(x, SwatsState)  # noqa: E731
+    states = _swats_states(opt_state)
+    paths = [_leaf_paths(state.switch_step) for state in states]
+    fields = [(jax.tree.leaves(s.switch_step), jax.tree.leaves(s.sgd_lr)) for s in states]
     events = []
-    for state in jax.tree.leaves(opt_state, is_leaf=is_swats):
-        if not is_swats(state):
-            continue
-        steps, _ = jax.tree_util.tree_flatten_with_path(state.switch_step)
-        sgd_lrs = jax.tree.leaves(state.sgd_lr)
-        host_steps, host_sgd_lrs = jax.device_get(([s for _, s in steps], sgd_lrs))
-        for (path, _), step, sgd_lr in zip(steps, host_steps, host_sgd_lrs):
+    for leaf_paths, (steps, sgd_lrs) in zip(paths, jax.device_get(fields)):
+        for path, step, sgd_lr in zip(leaf_paths, steps, sgd_lrs):
             if int(step) >= 0:
-                events.append(SwitchEvent(_leaf_path(path), int(step), float(sgd_lr)))
+                events.append(SwitchEvent(path, int(step), float(sgd_lr)))
     return sorted(events, key=lambda event: event.step)
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+    """The path of every leaf of ``tree``, in flatten order (see :func:`_leaf_path`)."""
+    return [_leaf_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+class SwitchDiagnostic(NamedTuple):
+    r"""How far one leaf is from switching: its last switch test, read from the state.
+
+    Attributes:
+      path: the leaf's pytree path joined with ``/``, as in :class:`SwitchEvent`.
+      phase: ``"adam"`` or ``"sgd"``.
+      switch_step: the 1-based step on which this leaf's own test passed and caused a
+        switch (as in :class:`SwitchEvent`); ``None`` for a leaf still in Adam, and in
+        global mode for the leaves switched by another leaf's test.
+      estimate: the bias-corrected rate estimate :math:`\Lambda` = ``lam / (1 - b2**k)``
+        of the last step whose test ran; NaN before the first one.
+      gamma: the projected rate :math:`\gamma` of that step; NaN before the first one.
+      relative_gap: ``absolute_gap / |gamma|``.
+      absolute_gap: ``|estimate - gamma|``, what that step's test compared with its
+        tolerance.
+    """
+
+    path: str
+    phase: str
+    switch_step: int | None
+    estimate: float
+    gamma: float
+    relative_gap: float
+    absolute_gap: float
+
+
+def switch_diagnostics(opt_state: Any) -> list[SwitchDiagnostic]:
+    r"""Reports, for every leaf, how far its switch test is from passing.
+
+    Every step in the Adam phase compares the running estimate :math:`\Lambda` with
+    the projected rate :math:`\gamma` (docs/algorithm.md, section 2). The state keeps
+    both as the last step whose test ran left them (a skipped step, with
+    :math:`p^\top g = 0` or a non-finite :math:`\gamma`, keeps the previous ones; a
+    switched leaf keeps those of its switch step), and this function reads them with
+    their gaps. Read the gaps against the tolerance the optimizer was built with:
+
+    - :func:`~swats_jax.swats_local`: a leaf switches on the first step (after the
+      first) whose ``absolute_gap < switch_tol``, with ``estimate > 0`` unless
+      ``require_positive=False``. ``absolute_gap / switch_tol`` is how far it is: the
+      leaf switches once this falls below 1.
+    - :func:`~swats_jax.swats_global`: every leaf switches once one leaf has
+      ``absolute_gap <= switch_atol + switch_rtol * |gamma|`` and ``estimate > 0``;
+      where ``|gamma|`` is well above ``switch_atol / switch_rtol`` (1e-3 with the
+      defaults), that is ``relative_gap <= switch_rtol``.
+
+    The gaps are those of the last step only; a step-1 test always has a gap of 0 and
+    never passes. They are computed in the state's dtype (float32, or float64 for
+    float64 leaves), as the test computed them.
+
+    Works on any state :func:`switch_events` reads (chains, masks, ``MultiSteps``,
+    ``inject_hyperparams``; Flax NNX paths without their ``value`` suffix), with one
+    host transfer: call it outside ``jit``, e.g. once per epoch.
+
+    Args:
+      opt_state: an optimizer state containing one or more :class:`SwatsState`.
+
+    Returns:
+      One row per leaf of every SWATS state, in pytree flatten order.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, swats_jax
+      >>> opt = optax.chain(optax.clip_by_global_norm(1.0), swats_jax.swats_local())
+      >>> params = {"b": jnp.zeros(2), "w": jnp.zeros(3)}
+      >>> state = opt.init(params)
+      >>> for k in range(1, 4):  # "b": a constant gradient; "w": a growing one
+      ...     grads = {"b": jnp.array([0.2, -0.1]), "w": jnp.array([0.1, 0.2, 0.3]) * k}
+      ...     _, state = opt.update(grads, state)
+      >>> for row in swats_jax.switch_diagnostics(state):
+      ...     print(row.path, row.phase, row.switch_step, row.absolute_gap < 1e-5)
+      b sgd 2 True
+      w adam None False
+      >>> w = swats_jax.switch_diagnostics(state)[1]
+      >>> print(f"w: gap {w.absolute_gap / 1e-5:.0f}x switch_tol, {w.relative_gap:.0%} of gamma")
+      w: gap 124x switch_tol, 67% of gamma
+    """
+    states = _swats_states(opt_state)
+    paths = [_leaf_paths(state.switched) for state in states]
+    fields = [
+        tuple(jax.tree.leaves(field) for field in (s.switched, s.switch_step, s.estimate, s.gamma))
+        for s in states
+    ]
+    rows = []
+    for leaf_paths, leaves in zip(paths, jax.device_get(fields)):
+        for path, switched, step, estimate, gamma in zip(leaf_paths, *leaves):
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                absolute_gap = np.abs(estimate - gamma)
+                relative_gap = absolute_gap / np.abs(gamma)
+            rows.append(
+                SwitchDiagnostic(
+                    path=path,
+                    phase="sgd" if bool(switched) else "adam",
+                    switch_step=int(step) if int(step) >= 0 else None,
+                    estimate=float(estimate),
+                    gamma=float(gamma),
+                    relative_gap=float(relative_gap),
+                    absolute_gap=float(absolute_gap),
+                )
+            )
+    return rows
 
 
 def format_switch_table(events: list[SwitchEvent], fmt: str = "markdown") -> str:
@@ -96,6 +206,5 @@ def format_switch_table(events: list[SwitchEvent], fmt: str = "markdown") -> str
 
 def num_switched(opt_state: Any) -> int:
     """Number of leaves in the SGD phase, over every SWATS state in ``opt_state``."""
-    states = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SwatsState))
-    flags = [jax.tree.leaves(s.switched) for s in states if isinstance(s, SwatsState)]
+    flags = [jax.tree.leaves(s.switched) for s in _swats_states(opt_state)]
     return int(sum(np.sum(f) for f in jax.device_get(flags)))

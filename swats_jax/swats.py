@@ -24,7 +24,7 @@ Momentum = Literal["paper", "reference"]
 
 
 class SwatsState(NamedTuple):
-    """State of :func:`scale_by_swats`.
+    r"""State of :func:`scale_by_swats`.
 
     Every field but ``count`` is a pytree with the structure of the parameters.
 
@@ -44,6 +44,14 @@ class SwatsState(NamedTuple):
         switch test passed and caused a switch; -1 otherwise. In global mode only
         the leaf that triggered the switch has one (or each leaf that passed on that
         step with exactly the adopted rate, as identical leaves do).
+      estimate: per leaf, the bias-corrected estimate :math:`\Lambda` = ``lam / (1 -
+        b2**k)`` of the last step whose switch test ran (an Adam step with
+        :math:`p^\top g \ne 0` and, with ``skip_nonfinite``, a finite :math:`\gamma`);
+        NaN before the first one. Skipped steps and SGD steps leave it unchanged, so a
+        switched leaf keeps the value of its switch step. Same dtype as ``lam``.
+      gamma: per leaf, the projected rate :math:`\gamma` of that same step (NaN before
+        the first one). ``|estimate - gamma|`` is the gap that step's test compared with
+        its tolerance; :func:`swats_jax.switch_diagnostics` reads both.
     """
 
     count: jax.Array
@@ -54,6 +62,8 @@ class SwatsState(NamedTuple):
     sgd_lr: optax.Updates
     switched: optax.Updates
     switch_step: optax.Updates
+    estimate: optax.Updates
+    gamma: optax.Updates
 
 
 class _Config(NamedTuple):
@@ -186,6 +196,8 @@ def scale_by_swats(
             sgd_lr=scalar(0, _core.accumulation_dtype),
             switched=scalar(False, lambda _: jnp.bool_),
             switch_step=scalar(-1, lambda _: jnp.int32),
+            estimate=scalar(jnp.nan, _core.accumulation_dtype),
+            gamma=scalar(jnp.nan, _core.accumulation_dtype),
         )
 
     config = _Config(
@@ -207,6 +219,7 @@ def scale_by_swats(
             return treedef.unflatten(grads), state._replace(count=step)
         fields = (state.mu, state.nu, state.lam, state.sgd_lr, state.switched, state.switch_step)
         mu, nu, lam, sgd_lr, switched, switch_step = map(treedef.flatten_up_to, fields)
+        estimate, gamma = map(treedef.flatten_up_to, (state.estimate, state.gamma))
         nu_max = _core.flatten(treedef, state.nu_max)
 
         lr = _core.value_at(learning_rate, count)
@@ -227,13 +240,15 @@ def scale_by_swats(
             switched,
             first_sgd_steps,
         )
-        new_lam, passed, estimates = _core.map_leaves(
+        new_lam, passed, estimates, new_estimate, new_gamma = _core.map_leaves(
             lambda *leaf: _switch_test(config, constants(leaf[0]), *leaf),
-            3,
+            5,
             lam,
             switched,
             pg,
             pp,
+            estimate,
+            gamma,
         )
         new_sgd_lr, new_switched, new_switch_step = _switch(
             config, step, passed, estimates, sgd_lr, switched, switch_step
@@ -249,6 +264,8 @@ def scale_by_swats(
             sgd_lr=unflatten(new_sgd_lr),
             switched=unflatten(new_switched),
             switch_step=unflatten(new_switch_step),
+            estimate=unflatten(new_estimate),
+            gamma=unflatten(new_gamma),
         )
         return unflatten(new_updates), new_state
 
@@ -354,16 +371,16 @@ def _switch_statistics(update, g):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _switch_test(config, const, lam, switched, pg, pp):
+def _switch_test(config, const, lam, switched, pg, pp, last_estimate, last_gamma):
     """One leaf's switch test (docs/algorithm.md, section 2).
 
-    Returns the new ``lam``, whether the test passed, and the bias-corrected estimate.
+    Returns the new ``lam``, whether the test passed, this step's bias-corrected estimate,
+    and the estimate and projected rate to keep in the state: this step's where its test
+    ran, ``last_estimate`` and ``last_gamma`` where it was skipped.
     """
     adam = const.adam
     gamma = pp / -pg
-    valid = (pg != 0) & ~switched
-    if config.skip_nonfinite:
-        valid &= jnp.isfinite(gamma)
+    valid = _test_runs(config, pg, switched, gamma)
     new_lam = jnp.where(valid, adam.b2 * lam + adam.one_minus_b2 * gamma, lam)
     estimate = new_lam / adam.bc2
     gap = jnp.abs(estimate - gamma)
@@ -374,7 +391,24 @@ def _switch_test(config, const, lam, switched, pg, pp):
     passed = valid & const.after_first & close
     if config.require_positive:
         passed &= estimate > 0
-    return new_lam, passed, estimate
+    # The values kept for the diagnostics go through a barrier, and their test is written
+    # again behind it: otherwise XLA fuses the test above differently, and XLA:CPU, which
+    # contracts multiply-adds into FMAs per fused kernel, then rounds `lam` differently.
+    # This way the trajectories stay bit for bit those without the diagnostics.
+    pg, estimate_kept, gamma_kept = jax.lax.optimization_barrier((pg, estimate, gamma))
+    kept = _test_runs(config, pg, switched, gamma_kept)
+    estimate_kept = jnp.where(kept, estimate_kept, last_estimate)
+    gamma_kept = jnp.where(kept, gamma_kept, last_gamma)
+    return new_lam, passed, estimate, estimate_kept, gamma_kept
+
+
+def _test_runs(config, pg, switched, gamma):
+    """Whether the switch test runs on this step: in the Adam phase, with ``pg != 0`` and
+    (with ``skip_nonfinite``) a finite ``gamma``; skipped steps leave ``lam`` unchanged."""
+    valid = (pg != 0) & ~switched
+    if config.skip_nonfinite:
+        valid &= jnp.isfinite(gamma)
+    return valid
 
 
 def _switch(config, step, passed, estimates, sgd_lr, switched, switch_step):

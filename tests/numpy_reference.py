@@ -120,7 +120,9 @@ def swats_reference(
     Returns a dict with "params", "updates", "events" (a list of
     ``(leaf_index, k, rate)``, the rate before ``sgd_scale``: one per switched
     leaf for local, one for the triggering leaf for global), "lam" (final
-    per-leaf EMA) and "switched" (final per-leaf flags).
+    per-leaf EMA), "switched" (final per-leaf flags), and "lam_hat" and "gamma":
+    per leaf, the bias-corrected estimate and the projected rate of the last step
+    whose switch test ran (NaN if none did).
     """
     if mode not in ("local", "global"):
         raise ValueError(f"mode must be 'local' or 'global', got {mode!r}")
@@ -139,6 +141,8 @@ def swats_reference(
     lam = [0.0] * n  # EMA of gamma
     switched = [False] * n
     rate = [None] * n  # adopted SGD rate (before sgd_scale)
+    last_lam_hat = [np.nan] * n  # of the last step whose test ran
+    last_gamma = [np.nan] * n
     events = []
     params_history, updates_history = [], []
 
@@ -180,6 +184,7 @@ def swats_reference(
                     continue  # Section 5: documented deviation from the reference
                 lam[i] = b2 * lam[i] + (1 - b2) * gamma
                 lam_hat = lam[i] / bc2
+                last_lam_hat[i], last_gamma[i] = float(lam_hat), float(gamma)
                 diff = abs(lam_hat - gamma)
                 if mode == "local":
                     passes = diff < switch_tol and (lam_hat > 0 or not require_positive)
@@ -210,6 +215,8 @@ def swats_reference(
         "events": events,
         "lam": [float(x) for x in lam],
         "switched": list(switched),
+        "lam_hat": last_lam_hat,
+        "gamma": last_gamma,
     }
 
 

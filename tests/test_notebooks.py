@@ -124,11 +124,13 @@ def test_quickstart_runs(tmp_path, kernel_env):
     printed = "".join(_outputs(notebook, "stream"))
     assert "swats_local: test accuracy" in printed
     assert "swats_global (switch_rtol=1e-3): test accuracy" in printed
-    assert any(
-        "| layer | step | sgd_lr |" in md
-        for md in _outputs(notebook, "display_data", "text/markdown")
-    )
-    assert len(_outputs(notebook, "display_data", "image/png")) == 4
+    markdown = _outputs(notebook, "display_data", "text/markdown")
+    assert any("| layer | step | sgd_lr |" in md for md in markdown)
+    # The diagnostics: where each array stands, and which tolerance would switch which.
+    assert any("| array | phase | switch step | Λ | γ |" in md for md in markdown)
+    assert any("| array | `switch_tol=0.001` |" in md for md in markdown)
+    assert "switch_tol=1e-05 would switch" in printed
+    assert len(_outputs(notebook, "display_data", "image/png")) == 5
 
 
 def test_cifar10_runs_and_resumes(tmp_path, kernel_env):

@@ -1,12 +1,14 @@
-"""A run's logs on disk: its metrics per epoch and its SWATS switch table.
+"""A run's logs on disk: its metrics per epoch, its SWATS switch table and switch tests.
 
 A run directory holds ``metrics.jsonl`` (one JSON object per epoch, appended as the run
 goes) with ``metrics.csv`` (the same records, rewritten from it each epoch), and for SWATS
 runs ``switches.md`` / ``switches.csv`` (the per-layer table of
-:func:`swats_jax.format_switch_table`, whose CSV columns are ``layer,step,sgd_lr``).
-The trainer writes them through :class:`MetricsLog` and :func:`write_switch_table`;
-``train.plots`` reads them through :func:`read_metrics` and :func:`read_switch_table`.
-Reading needs neither JAX nor Matplotlib.
+:func:`swats_jax.format_switch_table`, whose CSV columns are ``layer,step,sgd_lr``) and
+``rates.csv`` (each layer's last switch test at the end of every epoch, from
+:func:`swats_jax.switch_diagnostics`; columns ``RATES_FIELDS``).
+The trainer writes them through :class:`MetricsLog`, :func:`write_switch_table` and
+:func:`append_rates`; ``train.plots`` reads them through :func:`read_metrics`,
+:func:`read_switch_table` and :func:`read_rates`. Reading needs neither JAX nor Matplotlib.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from swats_jax import SwitchEvent
+    from swats_jax import SwitchDiagnostic, SwitchEvent
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,13 @@ METRICS_FIELDS = (
 )
 
 
+# The columns of rates.csv: per epoch and layer, the fields of swats_jax.SwitchDiagnostic
+# that change over a run (its switch step is in switches.csv).
+RATES_FIELDS = ("epoch", "layer", "phase", "estimate", "gamma", "absolute_gap", "relative_gap")
+
+
 class MetricsError(ValueError):
-    """A run's ``metrics.jsonl`` or ``switches.csv`` cannot be read."""
+    """A run's ``metrics.jsonl``, ``switches.csv`` or ``rates.csv`` cannot be read."""
 
 
 def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -166,3 +173,88 @@ def read_switch_table(workdir: str | os.PathLike[str]) -> list[tuple[str, int, f
         return [(row["layer"], int(row["step"]), float(row["sgd_lr"])) for row in rows]
     except (KeyError, TypeError, ValueError) as error:
         raise MetricsError(f"{path}: expected the columns layer,step,sgd_lr ({error})") from error
+
+
+def append_rates(workdir: str | os.PathLike[str], epoch: int, rows: list[SwitchDiagnostic]) -> None:
+    """Appends one epoch's switch tests to ``rates.csv`` in ``workdir`` (with its header
+    when the file is new).
+
+    Args:
+      workdir: the run directory.
+      epoch: the 1-based epoch the rows end.
+      rows: as :func:`swats_jax.switch_diagnostics` returns them. NaN (no test ran yet)
+        is written as ``nan``; floats with 9 significant digits, enough for float32.
+    """
+    path = Path(workdir) / "rates.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as file:
+        writer = csv.writer(file)
+        if new:
+            writer.writerow(RATES_FIELDS)
+        for row in rows:
+            values = (row.estimate, row.gamma, row.absolute_gap, row.relative_gap)
+            writer.writerow([epoch, row.path, row.phase, *(f"{v:.9g}" for v in values)])
+
+
+def read_rates(
+    workdir: str | os.PathLike[str],
+) -> list[tuple[int, str, str, float, float, float, float]]:
+    """Reads a run's ``rates.csv``.
+
+    A last row cut short, as left by a crash mid-write, is ignored with a logged warning.
+
+    Returns:
+      One ``(epoch, layer, phase, estimate, gamma, absolute_gap, relative_gap)`` per
+      row, in the order of the file (by epoch, then in the optimizer state's order).
+
+    Raises:
+      MetricsError: the file is missing, lacks the columns ``RATES_FIELDS``, or has a
+        malformed row before the last.
+    """
+    path = Path(workdir) / "rates.csv"
+    try:
+        with path.open(newline="") as file:
+            reader = csv.reader(file)
+            header = next(reader, None)
+            rows = list(reader)
+    except OSError as error:
+        raise MetricsError(f"cannot read {path}: {error.strerror or error}") from error
+    if header is None or tuple(header) != RATES_FIELDS:
+        raise MetricsError(f"{path}: expected the columns {','.join(RATES_FIELDS)}")
+    parsed = []
+    for number, row in enumerate(rows, start=2):
+        try:
+            if len(row) != len(RATES_FIELDS) or row[2] not in ("adam", "sgd"):
+                raise ValueError(f"expected {len(RATES_FIELDS)} fields, phase adam or sgd")
+            parsed.append((int(row[0]), row[1], row[2], *(float(v) for v in row[3:])))
+        except ValueError as error:
+            if number == len(rows) + 1:
+                logger.warning("%s: ignoring the truncated last line %d", path, number)
+                break
+            raise MetricsError(f"{path}, line {number}: {error}") from error
+    return parsed
+
+
+def keep_rates_up_to(workdir: str | os.PathLike[str], epoch: int) -> None:
+    """Drops the rows of ``rates.csv`` past ``epoch`` (after resuming from the checkpoint
+    of ``epoch``), and a last row cut short; nothing to do without the file.
+
+    Raises:
+      MetricsError: the file cannot be read (see :func:`read_rates`). The run stops rather
+        than rewrite the file without its rows.
+    """
+    path = Path(workdir) / "rates.csv"
+    if not path.exists():
+        return
+    try:
+        rows = read_rates(workdir)
+    except MetricsError as err:
+        raise MetricsError(f"{err}; repair or move the file to continue the run") from err
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(RATES_FIELDS)
+        for row in rows:
+            if row[0] <= epoch:
+                writer.writerow([*row[:3], *(f"{v:.9g}" for v in row[3:])])
+    os.replace(tmp, path)

@@ -11,11 +11,13 @@ needed. From the command line::
     python -m train.plots runs/swats runs/adam runs/sgd --out test_accuracy.png
     python -m train.plots runs/swats-s0 runs/swats-s1 runs/swats-s2 --out seeds.png
     python -m train.plots runs/swats --out switches.png --switches
+    python -m train.plots --rates runs/swats  # runs/swats/rates.png, from rates.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -23,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from train import metrics, results
@@ -32,6 +36,14 @@ from train import metrics, results
 MAX_LABELLED_LAYERS = 70
 # Runs of up to this many epochs show a marker per epoch; longer ones, a plain line.
 MAX_MARKERS = 50
+# The cells of rates plots where a layer is not in Adam.
+BLANK_COLOUR = "0.7"
+# The switch test a run's opt uses (the defaults of swats_jax.swats_local and swats_global,
+# which train.config.make_optimizer keeps): the gap of rates.csv it compares, and with what.
+SWITCH_TESTS = {
+    "swats_local": ("absolute_gap", 1e-5, "switch_tol 1e-5: switches below"),
+    "swats_global": ("relative_gap", 1e-5, "switch_rtol 1e-5 (+ switch_atol 1e-8 / |γ|)"),
+}
 
 
 def plot_runs(
@@ -161,13 +173,157 @@ def plot_switches(workdir: str | os.PathLike, output: str | os.PathLike) -> Path
     return _save(figure, output)
 
 
+def plot_rates(workdir: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Plots how far each layer of a SWATS run was from switching, epoch by epoch.
+
+    Reads ``rates.csv`` (the last switch test of every layer at the end of each epoch) and
+    ``config.json``. The gap shown is the one the run's switch test compares: the absolute
+    gap ``|Λ - γ|`` for ``swats_local`` (against ``switch_tol``), the relative gap
+    ``|Λ - γ| / |γ|`` for ``swats_global`` (against ``switch_rtol``) and for a run whose
+    optimizer is not known (no tolerance line then). Two panels share the epoch axis:
+
+    - a heatmap, one row per layer, of the gap in log10 around the tolerance (blue:
+      below it, red: above it); layers sorted by the epoch they switched in, the others
+      after them by their last gap. A black mark is the epoch a layer switched in; gray
+      cells are epochs in SGD (or before a layer's first test). Rows are named up
+      to ``MAX_LABELLED_LAYERS`` layers (DenseNet-121 has 362: rows are numbered).
+    - the median, the 10-90% band and the smallest gap of the layers still in Adam, with
+      the tolerance as a dashed line, and the number of layers in Adam.
+
+    Args:
+      workdir: the run directory, holding ``rates.csv`` and ``config.json``.
+      output: the PNG file to write; its folder is created if needed.
+
+    Returns:
+      The path of the PNG.
+
+    Raises:
+      ValueError: ``rates.csv`` is missing, malformed or empty.
+    """
+    workdir = Path(workdir)
+    rows = metrics.read_rates(workdir)
+    if not rows:
+        raise ValueError(f"{workdir / 'rates.csv'} has no epoch yet")
+    gap_field, tolerance, tolerance_label = _switch_test_of(workdir)
+    column = metrics.RATES_FIELDS.index(gap_field)
+    epochs = np.arange(min(r[0] for r in rows), max(r[0] for r in rows) + 1)
+    layers = list(dict.fromkeys(r[1] for r in rows))  # in the optimizer state's order
+    row_of = {layer: i for i, layer in enumerate(layers)}
+    gap = np.full((len(layers), len(epochs)), np.nan)
+    in_adam = np.zeros(gap.shape, bool)
+    for epoch, layer, phase, *values in rows:  # a repeated epoch: its last rows win
+        index = row_of[layer], epoch - epochs[0]
+        in_adam[index] = phase == "adam"
+        gap[index] = values[column - 3]
+    # The epoch a layer switched in: its first in SGD, among the epochs rates.csv has.
+    in_sgd = ~in_adam & np.isin(epochs, [r[0] for r in rows])
+    first_sgd = [int(np.argmax(row)) if row.any() else -1 for row in in_sgd]
+    tested = in_adam & np.isfinite(gap)
+    last_gap = [g[t][-1] if t.any() else np.inf for g, t in zip(gap, tested)]
+    order = sorted(
+        range(len(layers)),
+        key=lambda i: (first_sgd[i] < 0, first_sgd[i], last_gap[i], i),
+    )
+    shown = np.where(in_adam, gap, np.nan)[order]
+    positive = shown[np.isfinite(shown) & (shown > 0)]
+    floor = positive.min() if positive.size else 1.0
+    # A gap of 0 (the first step's test) is drawn at the smallest positive gap.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log10(np.where(shown == 0, floor, shown))
+
+    labelled = len(layers) <= MAX_LABELLED_LAYERS
+    height = (1.5 + 0.18 * len(layers)) if labelled else 9.0
+    figure = Figure(figsize=(9, max(3.0, height) + 3.0), layout="constrained")
+    grid = figure.add_gridspec(2, 1, height_ratios=[max(3.0, height), 3.0])
+    heat = figure.add_subplot(grid[0])
+    summary = figure.add_subplot(grid[1], sharex=heat)
+
+    centre = np.log10(tolerance) if tolerance else np.nanmedian(logs)
+    finite = logs[np.isfinite(logs)]
+    low = min(finite.min(initial=centre), centre) - 0.5
+    high = max(finite.max(initial=centre), centre) + 0.5
+    edges = np.append(epochs - 0.5, epochs[-1] + 0.5)
+    mesh = heat.pcolormesh(
+        edges,
+        np.arange(len(layers) + 1) - 0.5,
+        np.ma.masked_invalid(logs),
+        cmap="RdBu_r",
+        norm=TwoSlopeNorm(vcenter=centre, vmin=low, vmax=high),
+    )
+    bar = figure.colorbar(mesh, ax=heat, label=f"log10 {gap_field.replace('_', ' ')}")
+    if tolerance:
+        bar.ax.axhline(centre, color="black", linestyle="--", linewidth=1.5)
+    # Blank cells show the background: gray, unlike the near-white of the tolerance.
+    heat.set_facecolor(BLANK_COLOUR)
+    heat.add_patch(Rectangle((0, 0), 0, 0, color=BLANK_COLOUR, label="in SGD (or not tested)"))
+    marks = [(epochs[first_sgd[i]], row) for row, i in enumerate(order) if first_sgd[i] >= 0]
+    if marks:
+        heat.scatter(*zip(*marks), marker="|", color="black", s=40, label="switched to SGD")
+    if labelled:
+        heat.set_yticks(np.arange(len(layers)), [layers[i] for i in order], fontsize="x-small")
+        heat.set_ylabel("Layer (by epoch of its switch)")
+    else:
+        heat.set_ylabel(f"Layer: {len(layers)}, numbered by epoch of their switch")
+    heat.set_ylim(len(layers) - 0.5, -0.5)
+    opt = _run_opt(workdir)
+    heat.set_title(f"Switch tests of {workdir.name} ({opt or 'unknown optimizer'})")
+    heat.tick_params(labelbottom=False)
+
+    adam_gaps = np.where(in_adam & np.isfinite(gap), gap, np.nan)
+    has_adam = np.isfinite(adam_gaps).any(axis=0)
+    values = adam_gaps[:, has_adam]
+    if values.size:
+        x = epochs[has_adam]
+        summary.fill_between(
+            x,
+            np.nanpercentile(values, 10, axis=0),
+            np.nanpercentile(values, 90, axis=0),
+            alpha=0.25,
+            label="10-90% of the layers in Adam",
+        )
+        summary.plot(x, np.nanmedian(values, axis=0), marker="o", markersize=3, label="median")
+        summary.plot(x, np.nanmin(values, axis=0), linestyle=":", label="smallest")
+        summary.set_yscale("log")
+    if tolerance:
+        summary.axhline(tolerance, color="black", linestyle="--", label=tolerance_label)
+    summary.set_xlabel("Epoch")
+    summary.set_ylabel(gap_field.replace("_", " "))
+    summary.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    summary.grid(True, alpha=0.3)
+    count = summary.twinx()
+    count.step(epochs, in_adam.sum(axis=0), where="mid", color="gray", alpha=0.6)
+    count.set_ylim(0, 1.05 * len(layers))
+    count.set_ylabel("layers in Adam (gray)", color="gray")
+    count.yaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = heat.get_legend_handles_labels()[0] + summary.get_legend_handles_labels()[0]
+    figure.legend(handles=handles, loc="outside lower center", ncol=3, fontsize="small")
+    return _save(figure, output)
+
+
+def _run_opt(workdir: Path) -> str | None:
+    """The ``opt`` of a run's ``config.json``; ``None`` if it has none."""
+    try:
+        config = json.loads((workdir / "config.json").read_text())
+        return str(config["opt"])
+    except (OSError, json.JSONDecodeError, TypeError, KeyError):
+        return None
+
+
+def _switch_test_of(workdir: Path) -> tuple[str, float | None, str | None]:
+    """The gap of ``rates.csv`` the run's switch test compares, its tolerance and a label
+    for it (``relative_gap`` and no tolerance for a run whose optimizer is not known)."""
+    return SWITCH_TESTS.get(_run_opt(workdir), ("relative_gap", None, None))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit status (2 for bad input)."""
     parser = argparse.ArgumentParser(
         prog="python -m train.plots", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
-    parser.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories")
+    parser.add_argument(
+        "--out", metavar="FILE.png", help="the PNG to write (with --rates: RUN/rates.png)"
+    )
     parser.add_argument(
         "--metric", default="test_accuracy", help="metric per epoch (default: test_accuracy)"
     )
@@ -179,7 +335,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="one line per run, rather than the mean ± std of the runs that differ only by seed",
     )
+    parser.add_argument(
+        "--rates",
+        metavar="RUN",
+        help="plot how far each layer of the SWATS run RUN was from switching (rates.csv)",
+    )
     args = parser.parse_args(argv)
+    if args.rates is not None:
+        return _main_rates(parser, args)
+    if not args.runs or args.out is None:
+        parser.error("give run directories and --out (or --rates RUN)")
     if args.switches and len(args.runs) != 1:
         parser.error("--switches takes exactly one run directory")
     try:
@@ -190,6 +355,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = plot_switches(args.runs[0], args.out)
         else:
             path = plot_runs(args.runs, args.out, metric=args.metric, group_seeds=not args.each_run)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def _main_rates(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--rates RUN [--out FILE]``: :func:`plot_rates` of one run."""
+    if args.runs or args.switches:
+        parser.error("--rates takes one run directory and no other")
+    run = Path(args.rates)
+    try:
+        if not run.is_dir():
+            raise ValueError(f"no run directory {run}")
+        path = plot_rates(run, args.out if args.out is not None else run / "rates.png")
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -366,7 +366,7 @@ def train_and_evaluate(
     """Trains and evaluates ``config`` in ``workdir``, resuming from its last checkpoint.
 
     Writes ``config.json``, ``metrics.jsonl`` / ``metrics.csv`` (one record per epoch),
-    ``switches.md`` / ``switches.csv`` (SWATS runs), ``test_accuracy.png`` and
+    ``switches.md`` / ``switches.csv`` and ``rates.csv`` (SWATS runs), ``test_accuracy.png`` and
     ``checkpoints/`` (one per epoch, the last ``keep_checkpoints`` kept).
 
     Args:
@@ -477,6 +477,8 @@ def _train_and_evaluate(
                 "epoch %d stopped part-way last time (--max-steps) and starts again", partial[-1]
             )
         metrics.keep_epochs_up_to(start_epoch)
+        if primary:
+            metrics_lib.keep_rates_up_to(workdir, start_epoch)
         carry = (state["params"], state["batch_stats"], state["opt_state"])
         step = start_epoch * steps_per_epoch
         saved_epoch = start_epoch
@@ -553,8 +555,10 @@ def _train_and_evaluate(
             if multiprocess:
                 _check_replicas_agree(params, epoch)
             metrics.append(record)
+            switch_tests = swats_jax.switch_diagnostics(opt_state)  # [] without SWATS
             if primary and config.opt.startswith("swats"):
                 metrics_lib.write_switch_table(workdir, swats_jax.switch_events(opt_state))
+                metrics_lib.append_rates(workdir, epoch, switch_tests)
             if complete:
                 checkpointer.save(
                     epoch, {"params": params, "batch_stats": stats, "opt_state": opt_state}
@@ -562,7 +566,7 @@ def _train_and_evaluate(
                 saved_epoch = epoch
             log.info(
                 "epoch %d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %.0f images/s, "
-                "%d arrays switched, evaluated in %.1f s",
+                "%d arrays switched%s, evaluated in %.1f s",
                 epoch,
                 record["train_loss"],
                 record["train_accuracy"],
@@ -570,6 +574,7 @@ def _train_and_evaluate(
                 record["test_accuracy"],
                 record["images_per_s"],
                 record["num_switched"],
+                _adam_gap_summary(switch_tests),
                 eval_time,
             )
             if not complete:
@@ -585,6 +590,20 @@ def _train_and_evaluate(
     if primary:
         _plot(workdir)
     return records
+
+
+def _adam_gap_summary(tests: list[swats_jax.SwitchDiagnostic]) -> str:
+    """For the epoch line: the median relative gap of the switch tests of the arrays still
+    in Adam (how far they are from switching; ``rates.csv`` has every array's)."""
+    if not tests:
+        return ""
+    gaps = [t.relative_gap for t in tests if t.phase == "adam"]
+    if not gaps:
+        return " (none left in Adam)"
+    measured = [g for g in gaps if math.isfinite(g)]
+    if not measured:
+        return f" ({len(gaps)} in Adam, no switch test yet)"
+    return f" (median relative gap {np.median(measured):.2g} over the {len(gaps)} in Adam)"
 
 
 def _rounded(value: Any) -> float:
