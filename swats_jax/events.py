@@ -93,7 +93,7 @@ class SwitchDiagnostic(NamedTuple):
         switch (as in :class:`SwitchEvent`); ``None`` for a leaf still in Adam, and in
         global mode for the leaves switched by another leaf's test.
       estimate: the bias-corrected rate estimate :math:`\Lambda` = ``lam / (1 - b2**k)``
-        of the last step whose test ran; NaN before the first one.
+        of the last step whose test ran; NaN before the first one (the state holds 0).
       gamma: the projected rate :math:`\gamma` of that step; NaN before the first one.
       relative_gap: ``absolute_gap / |gamma|``.
       absolute_gap: ``|estimate - gamma|``, what that step's test compared with its
@@ -167,6 +167,8 @@ def switch_diagnostics(opt_state: Any) -> list[SwitchDiagnostic]:
     rows = []
     for leaf_paths, leaves in zip(paths, jax.device_get(fields)):
         for path, switched, step, estimate, gamma in zip(leaf_paths, *leaves):
+            if gamma == 0:  # no test ran yet (docs/algorithm.md, section 2)
+                estimate, gamma = np.full(2, np.nan, gamma.dtype)
             with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
                 absolute_gap = np.abs(estimate - gamma)
                 relative_gap = absolute_gap / np.abs(gamma)

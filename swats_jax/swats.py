@@ -47,11 +47,12 @@ class SwatsState(NamedTuple):
       estimate: per leaf, the bias-corrected estimate :math:`\Lambda` = ``lam / (1 -
         b2**k)`` of the last step whose switch test ran (an Adam step with
         :math:`p^\top g \ne 0` and, with ``skip_nonfinite``, a finite :math:`\gamma`);
-        NaN before the first one. Skipped steps and SGD steps leave it unchanged, so a
+        0 before the first one. Skipped steps and SGD steps leave it unchanged, so a
         switched leaf keeps the value of its switch step. Same dtype as ``lam``.
-      gamma: per leaf, the projected rate :math:`\gamma` of that same step (NaN before
-        the first one). ``|estimate - gamma|`` is the gap that step's test compared with
-        its tolerance; :func:`swats_jax.switch_diagnostics` reads both.
+      gamma: per leaf, the projected rate :math:`\gamma` of that same step; 0 before the
+        first one (a test that runs never has :math:`\gamma = 0`). ``|estimate - gamma|``
+        is the gap that step's test compared with its tolerance;
+        :func:`swats_jax.switch_diagnostics` reads both (NaN where no test ran yet).
     """
 
     count: jax.Array
@@ -196,8 +197,10 @@ def scale_by_swats(
             sgd_lr=scalar(0, _core.accumulation_dtype),
             switched=scalar(False, lambda _: jnp.bool_),
             switch_step=scalar(-1, lambda _: jnp.int32),
-            estimate=scalar(jnp.nan, _core.accumulation_dtype),
-            gamma=scalar(jnp.nan, _core.accumulation_dtype),
+            # 0 until a test runs: no test that runs has gamma == 0 (docs/algorithm.md,
+            # section 2). Not NaN, which jax_debug_nans and multi-process device_put reject.
+            estimate=scalar(0, _core.accumulation_dtype),
+            gamma=scalar(0, _core.accumulation_dtype),
         )
 
     config = _Config(

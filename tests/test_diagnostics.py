@@ -137,6 +137,26 @@ def test_before_the_first_step_everything_is_nan():
     ]
     assert all(np.isnan(r[3:]).all() for r in rows)
     assert state.gamma["b"].dtype == jnp.float32 and state.estimate["b"].dtype == jnp.float32
+    # The state itself holds 0 there, not NaN (docs/algorithm.md, section 2).
+    assert float(state.gamma["a"]) == float(state.estimate["a"]) == 0.0
+
+
+@pytest.mark.parametrize("factory", [swats_jax.swats_local, swats_jax.swats_global])
+def test_the_state_stays_free_of_nan_for_jax_debug_nans(factory):
+    # Leaves whose test never runs (a zero gradient, no elements) keep the 0 of "no test
+    # yet": a NaN there would stop every step under jax_debug_nans, and a multi-process
+    # device_put of the state, which compares the processes' values (NaN != NaN).
+    params = {"dead": jnp.zeros(2), "empty": jnp.zeros((0, 3)), "w": jnp.ones(3)}
+    grads = {"dead": jnp.zeros(2), "empty": jnp.zeros((0, 3)), "w": jnp.array([0.3, -0.2, 0.1])}
+    opt = factory()
+    with jax.debug_nans(True):
+        state = opt.init(params)
+        for _ in range(3):
+            _, state = jax.jit(opt.update)(grads, state)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state))
+    rows = {r.path: r for r in swats_jax.switch_diagnostics(state)}
+    assert np.isnan(rows["dead"].gamma) and np.isnan(rows["empty"].absolute_gap)
+    assert np.isfinite(rows["w"].gamma)
 
 
 def test_global_leaves_switched_by_another_have_no_switch_step():
