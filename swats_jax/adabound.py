@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -166,8 +167,17 @@ def _warn_if_schedule_rises(schedule: optax.Schedule) -> None:
             f"schedule rises to at least {peak:g} later, so the bounds will be "
             f"{peak / first:.3g}x those of base_lr={peak:g}; pass base_lr= the rate final_lr "
             "refers to (the official code takes the peak rate).",
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
+
+
+def _caller_stacklevel() -> int:
+    """The ``warnings.warn`` stack level of the first frame outside ``swats_jax``: the user's
+    call, whether through :func:`adabound` or :func:`scale_by_adabound`."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("swats_jax"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def adabound(

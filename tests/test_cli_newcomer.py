@@ -57,10 +57,19 @@ def test_workdir_that_cannot_be_written(tmp_path, capsys, monkeypatch):
 
 
 def test_failed_run_leaves_no_workdir_it_created(tmp_path, capsys):
+    # Before training (no data) and during its first epoch (a non-finite loss).
     workdir = tmp_path / "new" / "run"
     assert cifar.main([*TINY[1:], "--data=/no/such/data", f"--workdir={workdir}"]) == 2
     _one_line(capsys)
-    assert not workdir.exists()
+    assert list(tmp_path.iterdir()) == []  # nor the parent it created
+    argv = [*TINY, "--opt=adam", "--recipe=none", "--lr=1e38", f"--workdir={workdir}"]
+    assert cifar.main(argv) == 3
+    capsys.readouterr()
+    assert list(tmp_path.iterdir()) == []
+    workdir.mkdir(parents=True)
+    (workdir / "notes.txt").write_text("mine")
+    assert cifar.main([*TINY[1:], "--data=/no/such/data", f"--workdir={workdir}"]) == 2
+    assert (workdir / "notes.txt").read_text() == "mine"  # a folder it found is left alone
 
 
 @pytest.mark.parametrize(
@@ -79,11 +88,15 @@ def test_flag_errors_are_one_line_before_jax(capsys, argv, message):
 
 def test_non_finite_loss_stops_with_exit_3_and_saves_nothing(tmp_path, capsys):
     workdir = tmp_path / "run"
+    workdir.mkdir()  # a folder the run did not create is kept, so what it saved can be seen
     argv = [*TINY, "--opt=adam", "--recipe=none", "--lr=1e38", "--epochs=2"]
     assert cifar.main([*argv, f"--workdir={workdir}"]) == 3
     err = _one_line(capsys)
     assert "the training loss became" in err and "stopped without saving this state" in err
+    assert (workdir / "config.json").exists()  # the run got as far as training
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+    metrics = workdir / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""
 
 
 def test_ctrl_c_stops_at_a_step_boundary_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):

@@ -105,10 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     explicit = (args.coordinator, args.num_processes, args.process_id)
     if any(value is not None for value in explicit) and None in explicit:
         parser.error("--coordinator, --num-processes and --process-id go together")
+    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        parser.error(
+            f"--process-id must be in 0..{args.num_processes - 1} for --num-processes "
+            f"{args.num_processes}, got {args.process_id}"
+        )
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("train").setLevel(logging.INFO)
     if args.distributed or args.coordinator is not None:
-        if _start_distributed(args) != 0:  # other processes log warnings and errors only
+        try:
+            index = _start_distributed(args)
+        except (RuntimeError, ValueError) as err:  # no coordinator, no cluster detected, ...
+            message = " ".join(str(err).split())[:300]
+            return _fail(parser.prog, f"cannot join the other processes: {message}", EXIT_ERROR)
+        if index != 0:  # other processes log warnings and errors only
             logging.getLogger("train").setLevel(logging.WARNING)
     # Imported here so that --help and flag errors answer without loading JAX.
     from train import trainer
@@ -119,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         DatasetError,
         trainer.WorkdirError,
         trainer.SetupError,
+        trainer.ReplicaMismatchError,
         trainer.ConfigMismatchError,
         CheckpointError,
         trainer.MetricsError,

@@ -140,7 +140,15 @@ class Config:
                 allowed = (None, *choices) if is_optional(types[field.name]) else choices
                 if value not in allowed:
                     raise ValueError(f"{field.name} must be one of {allowed}, got {value!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "chunk_steps", "keep_checkpoints"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "eval_batch_size",
+            "chunk_steps",
+            "keep_checkpoints",
+            "num_devices",
+            "width",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

@@ -63,6 +63,10 @@ class SetupError(ValueError):
     the device count does not divide)."""
 
 
+class ReplicaMismatchError(RuntimeError):
+    """The processes of a multi-process run no longer hold the same parameters."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped without saving that state."""
 
@@ -223,7 +227,9 @@ class _EpochProgress:
 
     About every 10% of the epoch, and at least every ``interval_s`` seconds, it reads the
     running loss (a host transfer) and stops the run if it is not finite. Without a terminal
-    it then logs the step, the loss, images/s and the number of switched arrays.
+    it then logs the step, the loss, images/s and the number of switched arrays. With several
+    processes, pass ``interval_s=math.inf``: every process then checks on the same steps, so
+    that all stop together.
     """
 
     def __init__(self, epoch: int, total: int, first_step: int, *, interval_s: float = 60.0):
@@ -236,12 +242,13 @@ class _EpochProgress:
         if sys.stderr.isatty():
             self.bar = tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=True)
 
-    def update(self, size: int, done: int, totals: jax.Array, opt_state: Any) -> None:
+    def update(self, size: int, done: int, totals: jax.Array, opt_state: Any) -> bool:
+        """Counts ``size`` more steps (``done`` in all); whether this was a check point."""
         if self.bar is not None:
             self.bar.update(size)
         now = time.perf_counter()
         if done < self.next_report and now - self.last_report < self.interval_s:
-            return
+            return False
         self.next_report = done + self.every
         self.last_report = now
         loss_sum, _, count = np.asarray(totals)
@@ -259,6 +266,7 @@ class _EpochProgress:
                 count / (now - self.start),
                 swats_jax.num_switched(opt_state),
             )
+        return True
 
     def __enter__(self) -> _EpochProgress:
         return self
@@ -313,6 +321,13 @@ def _devices(config: Config) -> list[jax.Device]:
     return jax.devices()
 
 
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set in any process (a collective: every process must call it)."""
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int8(flag))))
+
+
 def _check_replicas_agree(params: Any, epoch: int) -> None:
     """Stops a multi-process run whose processes no longer hold the same parameters."""
     from jax.experimental import multihost_utils
@@ -320,10 +335,13 @@ def _check_replicas_agree(params: Any, epoch: int) -> None:
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(params):
         digest.update(np.asarray(leaf.addressable_shards[0].data).tobytes())
-    multihost_utils.assert_equal(
-        np.frombuffer(digest.digest(), np.uint8),
-        f"the processes hold different parameters after epoch {epoch}",
-    )
+    try:
+        multihost_utils.assert_equal(np.frombuffer(digest.digest(), np.uint8))
+    except AssertionError as err:
+        raise ReplicaMismatchError(
+            f"the processes hold different parameters after epoch {epoch}; check that every "
+            "process runs the same command on the same data and software"
+        ) from err
 
 
 class _NoMetrics:
@@ -339,15 +357,22 @@ class _NoMetrics:
         pass
 
 
-def _prepare_workdir(workdir: Path) -> bool:
-    """Creates ``workdir`` if needed and checks that it is writable; whether it was created.
+def _prepare_workdir(workdir: Path) -> Path | None:
+    """Creates ``workdir`` if needed and checks that it is writable.
+
+    Returns:
+      The highest folder this call created (``workdir`` or one of its parents), or ``None``.
 
     Raises:
       WorkdirError: it is a file, or cannot be created or written to.
     """
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"the workdir {workdir} is a file, not a folder; use another --workdir")
-    created = not workdir.exists()
+    created = None
+    for folder in (workdir, *workdir.absolute().parents):
+        if folder.exists():
+            break
+        created = folder
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write-test-{os.getpid()}"
@@ -375,7 +400,8 @@ def train_and_evaluate(
       dataset: already loaded data (otherwise ``config.data`` is loaded).
 
     Returns:
-      The metrics records of all epochs so far.
+      The metrics records of all epochs so far (in process 0; other processes of a
+      multi-process run write no metrics and return an empty list).
 
     Raises:
       train.data.DatasetError: the dataset cannot be loaded.
@@ -393,8 +419,10 @@ def train_and_evaluate(
     except BaseException:
         # A workdir this call created and that holds no finished epoch is not left behind.
         primary = jax.process_index() == 0
-        if primary and created and not (workdir / "metrics.jsonl").exists():
-            shutil.rmtree(workdir, ignore_errors=True)
+        metrics_file = workdir / "metrics.jsonl"
+        finished = metrics_file.exists() and metrics_file.read_text().strip()
+        if primary and created is not None and not finished:
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 
@@ -496,10 +524,12 @@ def _train_and_evaluate(
             )
             # Loss, correct and image counts of the epoch; a fresh buffer, as chunks donate it.
             carry = carry[:3] + (put(np.zeros(3, np.float32)),)
-            with _EpochProgress(epoch, epoch_steps, step) as progress:
+            interval_s = math.inf if multiprocess else 60.0
+            with _EpochProgress(epoch, epoch_steps, step, interval_s=interval_s) as progress:
                 done = 0
+                stop = interrupt.requested and not multiprocess
                 while done < epoch_steps:
-                    if interrupt.requested:
+                    if stop:
                         raise TrainingInterrupted(
                             f"interrupted at epoch {epoch} step {step + done}; run the same "
                             f"command to resume from epoch {saved_epoch + 1}"
@@ -526,7 +556,13 @@ def _train_and_evaluate(
                         )
                         compiled = True
                     done += size
-                    progress.update(size, done, carry[3], carry[2])
+                    checked = progress.update(size, done, carry[3], carry[2])
+                    # With several processes, all stop on the same step: they agree on
+                    # Ctrl-C at the progress checks, which every process makes on the same steps.
+                    if not multiprocess:
+                        stop = interrupt.requested
+                    elif checked:
+                        stop = _any_process(interrupt.requested)
             step += epoch_steps
             params, stats, opt_state, train_totals = carry
             train_loss, train_correct, train_count = np.asarray(train_totals)
