@@ -204,7 +204,9 @@ def plot_rates(workdir: str | os.PathLike, output: str | os.PathLike) -> Path:
     rows = metrics.read_rates(workdir)
     if not rows:
         raise ValueError(f"{workdir / 'rates.csv'} has no epoch yet")
-    gap_field, tolerance, tolerance_label = _switch_test_of(workdir)
+    opt = _run_opt(workdir)  # read once: the tolerance and the title
+    # An optimizer without a known test: the relative gap, and no tolerance line.
+    gap_field, tolerance, tolerance_label = SWITCH_TESTS.get(opt, ("relative_gap", None, None))
     column = metrics.RATES_FIELDS.index(gap_field)
     epochs = np.arange(min(r[0] for r in rows), max(r[0] for r in rows) + 1)
     layers = list(dict.fromkeys(r[1] for r in rows))  # in the optimizer state's order
@@ -265,7 +267,6 @@ def plot_rates(workdir: str | os.PathLike, output: str | os.PathLike) -> Path:
     else:
         heat.set_ylabel(f"Layer: {len(layers)}, numbered by epoch of their switch")
     heat.set_ylim(len(layers) - 0.5, -0.5)
-    opt = _run_opt(workdir)
     heat.set_title(f"Switch tests of {workdir.name} ({opt or 'unknown optimizer'})")
     heat.tick_params(labelbottom=False)
 
@@ -307,12 +308,6 @@ def _run_opt(workdir: Path) -> str | None:
         return str(config["opt"])
     except (OSError, json.JSONDecodeError, TypeError, KeyError):
         return None
-
-
-def _switch_test_of(workdir: Path) -> tuple[str, float | None, str | None]:
-    """The gap of ``rates.csv`` the run's switch test compares, its tolerance and a label
-    for it (``relative_gap`` and no tolerance for a run whose optimizer is not known)."""
-    return SWITCH_TESTS.get(_run_opt(workdir), ("relative_gap", None, None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
