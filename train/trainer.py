@@ -574,6 +574,9 @@ def _train_and_evaluate(
             eval_time = time.perf_counter() - eval_start
             num_test = len(dataset.test_labels)
             complete = epoch_steps == steps_per_epoch
+            # One host transfer for every switch test (none without SWATS); it also counts
+            # the switched arrays.
+            switch_tests = swats_jax.switch_diagnostics(opt_state)
             record = {
                 "epoch": epoch,
                 "step": step,
@@ -583,7 +586,7 @@ def _train_and_evaluate(
                 "test_accuracy": float(test_correct / num_test),
                 "learning_rate": _rounded(setup.learning_rate(step - 1)),
                 "sgd_scale": _rounded(setup.sgd_scale(step - 1)),
-                "num_switched": swats_jax.num_switched(opt_state),
+                "num_switched": sum(test.phase == "sgd" for test in switch_tests),
                 "epoch_time_s": round(train_time, 3),
                 "images_per_s": round(float(train_count) / train_time, 1),
                 "complete": complete,
@@ -591,7 +594,6 @@ def _train_and_evaluate(
             if multiprocess:
                 _check_replicas_agree(params, epoch)
             metrics.append(record)
-            switch_tests = swats_jax.switch_diagnostics(opt_state)  # [] without SWATS
             if primary and config.opt.startswith("swats"):
                 metrics_lib.write_switch_table(workdir, swats_jax.switch_events(opt_state))
                 metrics_lib.append_rates(workdir, epoch, switch_tests)
