@@ -12,6 +12,11 @@ For fixed gradients, per optimizer:
 - ``update``: ``jax.jit(opt.update)`` with the state donated; the updates are an output.
 - ``step``: that update-and-apply, jitted, parameters and state donated.
 - ``step, not donated``: the same without donation.
+
+The row ``optax.adam + switch sums`` is a reference, not an optimizer of this project: Adam
+followed by the two sums per leaf that the SWATS switch test needs (``u·g`` and ``u·u`` of
+the update ``u``), kept in the state and nothing else. It shows what those sums alone cost
+next to Adam on the backend at hand, the floor for any SWATS written with per-leaf state.
 """
 
 from __future__ import annotations
@@ -83,9 +88,26 @@ TREES: dict[str, tuple[Callable[[], Shapes], int, int]] = {
 }
 
 
+def with_switch_sums(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner``, plus the sums ``u·g`` and ``u·u`` of its update ``u`` per leaf, in the state."""
+
+    def init_fn(params):
+        return inner.init(params), jax.tree.map(lambda _: jnp.zeros([2], jnp.float32), params)
+
+    def update_fn(grads, state, params=None):
+        updates, inner_state = inner.update(grads, state[0], params)
+        sums = jax.tree.map(
+            lambda u, g: jnp.stack([jnp.sum(u * g), jnp.sum(u * u)]), updates, grads
+        )
+        return updates, (inner_state, sums)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def optimizers() -> dict[str, optax.GradientTransformation]:
     return {
         "optax.adam": optax.adam(1e-3),
+        "optax.adam + switch sums": with_switch_sums(optax.adam(1e-3)),
         "optax.sgd": optax.sgd(0.1),
         "optax.sgd(momentum=0.9)": optax.sgd(0.1, momentum=0.9),
         "swats_local": swats_jax.swats_local(),
@@ -139,7 +161,8 @@ def time_step(
     return _median_time(lambda carry: step(*carry, grads), (params, opt.init(params)), repeats)
 
 
-def benchmark_tree(name: str, repeats: int) -> None:
+def make_tree(name: str) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Random float32 parameters of tree ``name`` (sizes checked) and fixed gradients."""
     shapes_fn, num_leaves, num_params = TREES[name]
     shapes = shapes_fn()
     keys = jax.random.split(jax.random.key(0), len(shapes))
@@ -147,6 +170,12 @@ def benchmark_tree(name: str, repeats: int) -> None:
     grads = jax.tree.map(lambda p: 0.01 * jnp.tanh(p), params)
     size = sum(p.size for p in jax.tree.leaves(params))
     assert (len(shapes), size) == (num_leaves, num_params), (len(shapes), size)
+    return params, grads
+
+
+def benchmark_tree(name: str, repeats: int) -> None:
+    params, grads = make_tree(name)
+    size = sum(p.size for p in jax.tree.leaves(params))
 
     opts = optimizers()
     # Compile first, each optimizer once: later timings reuse what jax traced for it.
@@ -162,7 +191,7 @@ def benchmark_tree(name: str, repeats: int) -> None:
     }
     device = jax.devices()[0]
     print(
-        f"\n# {name}: {len(shapes)} leaves, {size:,} float32 parameters; "
+        f"\n# {name}: {len(params)} leaves, {size:,} float32 parameters; "
         f"{device.platform}: {device.device_kind}; {platform.processor() or platform.machine()}; "
         f"jax {jax.__version__}, optax {optax.__version__}; times: median of {repeats}"
     )
