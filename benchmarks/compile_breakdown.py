@@ -1,4 +1,4 @@
-"""Where XLA:CPU spends compiling the update-and-apply step; what a stacked state would change.
+"""Where XLA:CPU spends compiling the update-and-apply step, and what the step costs.
 
 Run: ``python benchmarks/compile_breakdown.py [--trees resnet18,densenet121] [--repeats 20]``
 (CPU only; about 4 minutes on 2 cores).
@@ -10,12 +10,7 @@ how many LLVM modules it compiled (one per distinct fused computation) and their
 time (over the compile threads, so it may exceed the wall time); and the fused computations
 in the optimised HLO, a proxy for the kernels a step runs.
 
-Part 2, in one process: the non-donated update-and-apply step of the same optimizers and
-of ``stacked-state probe``, a measurement probe and not an optimizer of this project: the
-local SWATS update (float32, the defaults) with its per-leaf scalars (λ, the adopted rate,
-the phase, the switch step and the two diagnostics) kept as one vector each, indexed in the
-parameter-sized kernels by a per-leaf index held in the state. Before timing it, the script
-checks that the probe's updates and λ follow ``swats_local`` on a small tree.
+Part 2, in one process: the non-donated update-and-apply step of the same optimizers.
 
 ``optax.adam + switch sums`` is the reference row of ``benchmarks/update_speed.py``: Adam
 plus the two per-leaf sums of the switch test and nothing else.
@@ -31,10 +26,8 @@ import re
 import subprocess
 import sys
 import time
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from update_speed import _apply, make_tree, with_switch_sums
@@ -49,118 +42,13 @@ _XLA_LOGGING = {
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0}
 
 
-class _ProbeState(NamedTuple):
-    count: jax.Array
-    mu: optax.Updates
-    nu: optax.Updates
-    index: optax.Updates  # per leaf, its int32 position in the vectors below
-    lam: jax.Array
-    sgd_lr: jax.Array
-    switched: jax.Array
-    switch_step: jax.Array
-    estimate: jax.Array
-    gamma: jax.Array
-
-
-def stacked_state_probe(
-    learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, switch_tol=1e-5
-) -> optax.GradientTransformation:
-    """Local SWATS with the per-leaf scalars stacked into vectors (float32 leaves only)."""
-
-    def init_fn(params):
-        leaves, treedef = jax.tree.flatten(params)
-        n = len(leaves)
-        zeros = jnp.zeros([n], jnp.float32)
-        # One buffer per leaf: the index enters each leaf's kernels as an operand, so that
-        # leaves of one shape keep sharing their compiled kernels.
-        index = treedef.unflatten([jnp.array(i, jnp.int32) for i in range(n)])
-        return _ProbeState(
-            count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params),
-            nu=optax.tree.zeros_like(params),
-            index=index,
-            lam=zeros,
-            sgd_lr=zeros,
-            switched=jnp.zeros([n], bool),
-            switch_step=jnp.full([n], -1, jnp.int32),
-            estimate=zeros,
-            gamma=zeros,
-        )
-
-    def update_fn(grads, state, params=None):
-        del params
-        treedef = jax.tree.structure(grads)
-        flat = treedef.flatten_up_to
-        k = (state.count + 1).astype(jnp.float32)
-        bc2 = 1 - b2**k
-        neg_step = -learning_rate * jnp.sqrt(bc2) / (1 - b1**k)
-        first_sgd_step = state.count == state.switch_step
-        updates, mu, nu, pg, pp = [], [], [], [], []
-        for g, m, v, i in zip(flat(grads), flat(state.mu), flat(state.nu), flat(state.index)):
-
-            def at(vector, i=i):
-                return jax.lax.dynamic_index_in_dim(vector, i, keepdims=False)
-
-            switched = at(state.switched)
-            new_m = b1 * jnp.where(at(first_sgd_step), 0, m) + jnp.where(switched, 1, 1 - b1) * g
-            new_v = jnp.where(switched, v, b2 * v + (1 - b2) * g * g)
-            adam = neg_step * new_m / (jnp.sqrt(new_v) + eps)
-            u = jnp.where(switched, -at(state.sgd_lr) * (1 - b1) * new_m, adam)
-            updates.append(u)
-            mu.append(new_m)
-            nu.append(new_v)
-            pg.append(jnp.sum(u * g))
-            pp.append(jnp.sum(u * u))
-        pg, pp = jnp.stack(pg), jnp.stack(pp)
-        gamma = pp / -pg
-        runs = (pg != 0) & ~state.switched & jnp.isfinite(gamma)
-        lam = jnp.where(runs, b2 * state.lam + (1 - b2) * gamma, state.lam)
-        estimate = lam / bc2
-        passed = runs & (k > 1) & (jnp.abs(estimate - gamma) < switch_tol) & (estimate > 0)
-        step = state.count + 1
-        new_state = _ProbeState(
-            count=step,
-            mu=treedef.unflatten(mu),
-            nu=treedef.unflatten(nu),
-            index=state.index,
-            lam=lam,
-            sgd_lr=jnp.where(passed, estimate, state.sgd_lr),
-            switched=state.switched | passed,
-            switch_step=jnp.where(passed, step, state.switch_step),
-            estimate=jnp.where(runs, estimate, state.estimate),
-            gamma=jnp.where(runs, gamma, state.gamma),
-        )
-        return treedef.unflatten(updates), new_state
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
 def optimizers() -> dict[str, optax.GradientTransformation]:
     return {
         "optax.adam": optax.adam(1e-3),
         "optax.adam + switch sums": with_switch_sums(optax.adam(1e-3)),
         "swats_local": swats_jax.swats_local(),
         "swats_global": swats_jax.swats_global(),
-        "stacked-state probe": stacked_state_probe(),
     }
-
-
-def check_probe(steps: int = 30) -> None:
-    """Raises unless the probe follows ``swats_local`` on a small problem (both leaves switch
-    on step 2, so both phases are compared)."""
-    key_w, key_b = jax.random.split(jax.random.key(1))
-    params = {"w": jax.random.normal(key_w, (16, 8)), "b": jax.random.normal(key_b, (8,))}
-    ours, probe = swats_jax.swats_local(switch_tol=1e-3), stacked_state_probe(switch_tol=1e-3)
-    s_ours, s_probe = ours.init(params), probe.init(params)
-    for t in range(1, steps + 1):
-        grads = jax.tree.map(lambda p, t=t: jnp.sin(p * t) + 0.1 * p, params)
-        u_ours, s_ours = ours.update(grads, s_ours, params)
-        u_probe, s_probe = probe.update(grads, s_probe, params)
-        for a, b in zip(jax.tree.leaves(u_ours), jax.tree.leaves(u_probe)):
-            np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7)
-        np.testing.assert_allclose(jax.tree.leaves(s_ours.lam), s_probe.lam, rtol=2e-4)
-        np.testing.assert_array_equal(jax.tree.leaves(s_ours.switch_step), s_probe.switch_step)
-        params = optax.apply_updates(params, u_ours)
 
 
 def _seconds(text: str) -> float:
@@ -267,8 +155,7 @@ def main() -> None:
         return
     if jax.default_backend() != "cpu":
         parser.error("this breakdown reads XLA:CPU's logs; run it on a CPU machine")
-    check_probe()
-    print(f"jax {jax.__version__}, optax {optax.__version__}; the probe follows swats_local")
+    print(f"jax {jax.__version__}, optax {optax.__version__}")
     for tree in args.trees.split(","):
         breakdown(tree)
         step_times(tree, args.repeats)

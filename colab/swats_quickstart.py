@@ -282,8 +282,11 @@ display(
 
 # %%
 def scalars_only(state):
-    """The state without its parameter-sized buffers: what switch_diagnostics reads."""
-    return jax.tree.map(lambda x: x if x.ndim == 0 else None, state)
+    """The state without its moments (the parameter-sized buffers): what
+    switch_diagnostics reads."""
+    is_swats = lambda x: isinstance(x, swats_jax.SwatsState)  # noqa: E731
+    drop = lambda s: s._replace(mu=None, nu=None, nu_max=None) if is_swats(s) else s  # noqa: E731
+    return jax.tree.map(drop, state, is_leaf=is_swats)
 
 
 def at_step(recorded, t):

@@ -67,15 +67,24 @@ def switch_events(opt_state: Any) -> list[SwitchEvent]:
     Returns:
       The events, sorted by step (ties keep pytree flatten order).
     """
-    states = _swats_states(opt_state)
-    paths = [_leaf_paths(state.switch_step) for state in states]
-    fields = [(jax.tree.leaves(s.switch_step), jax.tree.leaves(s.sgd_lr)) for s in states]
     events = []
-    for leaf_paths, (steps, sgd_lrs) in zip(paths, jax.device_get(fields)):
-        for path, step, sgd_lr in zip(leaf_paths, steps, sgd_lrs):
+    for paths, fields in _per_leaf_on_host(opt_state, ("switch_step", "sgd_lr")):
+        for path, step, sgd_lr in zip(paths, *fields):
             if int(step) >= 0:
                 events.append(SwitchEvent(path, int(step), float(sgd_lr)))
     return sorted(events, key=lambda event: event.step)
+
+
+def _per_leaf_on_host(opt_state: Any, names: tuple[str, ...]) -> list[tuple[list[str], list]]:
+    """For every SWATS state in ``opt_state``: its leaf paths and, per name in ``names``, the
+    per-leaf values of that field of ``SwatsState.per_leaf`` (floats in each leaf's
+    accumulation dtype), all read with one host transfer."""
+    states = _swats_states(opt_state)
+    vectors = jax.device_get([tuple(getattr(s.per_leaf, n) for n in names) for s in states])
+    return [
+        (_leaf_paths(state.index), [jax.tree.leaves(state.leaf_view(v)) for v in fields])
+        for state, fields in zip(states, vectors)
+    ]
 
 
 def _leaf_paths(tree: Any) -> list[str]:
@@ -158,15 +167,10 @@ def switch_diagnostics(opt_state: Any) -> list[SwitchDiagnostic]:
       >>> print(f"w: gap {w.absolute_gap / 1e-5:.0f}x switch_tol, {w.relative_gap:.0%} of gamma")
       w: gap 124x switch_tol, 67% of gamma
     """
-    states = _swats_states(opt_state)
-    paths = [_leaf_paths(state.switched) for state in states]
-    fields = [
-        tuple(jax.tree.leaves(field) for field in (s.switched, s.switch_step, s.estimate, s.gamma))
-        for s in states
-    ]
     rows = []
-    for leaf_paths, leaves in zip(paths, jax.device_get(fields)):
-        for path, switched, step, estimate, gamma in zip(leaf_paths, *leaves):
+    names = ("switched", "switch_step", "estimate", "gamma")
+    for paths, fields in _per_leaf_on_host(opt_state, names):
+        for path, switched, step, estimate, gamma in zip(paths, *fields):
             if gamma == 0:  # no test ran yet (docs/algorithm.md, section 2)
                 estimate, gamma = np.full(2, np.nan, gamma.dtype)
             with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -208,5 +212,5 @@ def format_switch_table(events: list[SwitchEvent], fmt: str = "markdown") -> str
 
 def num_switched(opt_state: Any) -> int:
     """Number of leaves in the SGD phase, over every SWATS state in ``opt_state``."""
-    flags = [jax.tree.leaves(s.switched) for s in _swats_states(opt_state)]
+    flags = [s.per_leaf.switched for s in _swats_states(opt_state)]
     return int(sum(np.sum(f) for f in jax.device_get(flags)))

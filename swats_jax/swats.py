@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from swats_jax import _checks, _core
@@ -23,10 +24,41 @@ Mode = Literal["local", "global"]
 Momentum = Literal["paper", "reference"]
 
 
+class PerLeaf(NamedTuple):
+    """The per-leaf scalars of :class:`SwatsState`, one vector entry per leaf.
+
+    Entry ``i`` belongs to the ``i``-th leaf in pytree flatten order (``SwatsState.index``
+    holds each leaf's ``i``). Float vectors have the widest accumulation dtype of the leaves
+    (float32, or float64 when a leaf is float64); each entry holds a value computed in its own
+    leaf's accumulation dtype, exactly. :class:`SwatsState`'s properties of the same names give
+    the per-leaf view.
+    """
+
+    lam: jax.Array
+    sgd_lr: jax.Array
+    switched: jax.Array
+    switch_step: jax.Array
+    estimate: jax.Array
+    gamma: jax.Array
+
+
+def _leaf_view_property(name: str) -> property:
+    """A :class:`SwatsState` property: field ``name`` of ``per_leaf`` as a per-leaf pytree."""
+    return property(
+        lambda state: state.leaf_view(getattr(state.per_leaf, name)),
+        doc=f"``per_leaf.{name}`` as a pytree with the structure of the parameters.",
+    )
+
+
 class SwatsState(NamedTuple):
     r"""State of :func:`scale_by_swats`.
 
-    Every field but ``count`` is a pytree with the structure of the parameters.
+    ``mu``, ``nu``, ``nu_max`` and ``index`` are pytrees with the structure of the parameters;
+    the per-leaf scalars live in ``per_leaf``, one vector entry per leaf, so that the switch
+    test runs once on small vectors rather than as kernels of its own for every leaf
+    (docs/algorithm.md, section 4). The properties ``lam``, ``sgd_lr``, ``switched``,
+    ``switch_step``, ``estimate`` and ``gamma`` read them as pytrees with the structure of the
+    parameters, in each leaf's accumulation dtype.
 
     Attributes:
       count: number of completed updates (int32 scalar).
@@ -35,36 +67,57 @@ class SwatsState(NamedTuple):
         again, so the buffer reuses its storage).
       nu: Adam's second moment (frozen once a leaf has switched).
       nu_max: running maximum of ``nu`` when ``amsgrad=True``, else ``None``.
-      lam: per-leaf exponential moving average of the projected SGD rate
-        (float32 scalars; float64 for float64 leaves).
-      sgd_lr: per-leaf adopted SGD rate, before ``sgd_scale`` (0 until the switch).
-      switched: per-leaf bool, True once the leaf takes SGD steps (from the step
-        after its switch).
-      switch_step: per-leaf int32, the 1-based step on which this leaf's own
-        switch test passed and caused a switch; -1 otherwise. In global mode only
-        the leaf that triggered the switch has one (or each leaf that passed on that
-        step with exactly the adopted rate, as identical leaves do).
-      estimate: per leaf, the bias-corrected estimate :math:`\Lambda` = ``lam / (1 -
-        b2**k)`` of the last step whose switch test ran (an Adam step with
-        :math:`p^\top g \ne 0` and, with ``skip_nonfinite``, a finite :math:`\gamma`);
-        0 before the first one. Skipped steps and SGD steps leave it unchanged, so a
-        switched leaf keeps the value of its switch step. Same dtype as ``lam``.
-      gamma: per leaf, the projected rate :math:`\gamma` of that same step; 0 before the
-        first one (a test that runs never has :math:`\gamma = 0`). ``|estimate - gamma|``
-        is the gap that step's test compared with its tolerance;
-        :func:`swats_jax.switch_diagnostics` reads both (NaN where no test ran yet).
+      index: per leaf, an int32 scalar: its entry in the vectors of ``per_leaf`` (its
+        position in flatten order, set by ``init`` and never changed). The update reads a
+        leaf's entries through it, as an operand rather than a constant, so that leaves of
+        one shape share their compiled kernels.
+      per_leaf: the per-leaf scalars as vectors (:class:`PerLeaf`).
+
+    Per-leaf views (properties):
+      lam: exponential moving average of the projected SGD rate (float32; float64 for
+        float64 leaves).
+      sgd_lr: adopted SGD rate, before ``sgd_scale`` (0 until the switch).
+      switched: bool, True once the leaf takes SGD steps (from the step after its switch).
+      switch_step: int32, the 1-based step on which this leaf's own switch test passed and
+        caused a switch; -1 otherwise. In global mode only the leaf that triggered the switch
+        has one (or each leaf that passed on that step with exactly the adopted rate, as
+        identical leaves do).
+      estimate: the bias-corrected estimate :math:`\Lambda` = ``lam / (1 - b2**k)`` of the
+        last step whose switch test ran (an Adam step with :math:`p^\top g \ne 0` and, with
+        ``skip_nonfinite``, a finite :math:`\gamma`); 0 before the first one. Skipped steps
+        and SGD steps leave it unchanged, so a switched leaf keeps the value of its switch
+        step. Same dtype as ``lam``.
+      gamma: the projected rate :math:`\gamma` of that same step; 0 before the first one (a
+        test that runs never has :math:`\gamma = 0`). ``|estimate - gamma|`` is the gap that
+        step's test compared with its tolerance; :func:`swats_jax.switch_diagnostics` reads
+        both (NaN where no test ran yet).
     """
 
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
     nu_max: optax.Updates | None
-    lam: optax.Updates
-    sgd_lr: optax.Updates
-    switched: optax.Updates
-    switch_step: optax.Updates
-    estimate: optax.Updates
-    gamma: optax.Updates
+    index: optax.Updates
+    per_leaf: PerLeaf
+
+    def leaf_view(self, vector: jax.Array | np.ndarray) -> optax.Updates:
+        """``vector`` (one entry per leaf, e.g. a field of ``per_leaf``, on the host or not) as
+        a pytree with the structure of the parameters (that of ``index``). Float entries are
+        in each leaf's accumulation dtype, read from ``mu``; in the vector's dtype when the
+        state was stripped of its moments."""
+        leaves, treedef = jax.tree.flatten(self.index)
+        moments = jax.tree.leaves(self.mu)
+        if jnp.issubdtype(vector.dtype, jnp.floating) and len(moments) == len(leaves):
+            dtypes = [_core.accumulation_dtype(m.dtype) for m in moments]
+            return treedef.unflatten([vector[i].astype(d) for i, d in enumerate(dtypes)])
+        return treedef.unflatten([vector[i] for i in range(len(leaves))])
+
+    lam = _leaf_view_property("lam")
+    sgd_lr = _leaf_view_property("sgd_lr")
+    switched = _leaf_view_property("switched")
+    switch_step = _leaf_view_property("switch_step")
+    estimate = _leaf_view_property("estimate")
+    gamma = _leaf_view_property("gamma")
 
 
 class _Config(NamedTuple):
@@ -188,19 +241,26 @@ def scale_by_swats(
     require_positive = require_positive or mode == "global"
 
     def init_fn(params: optax.Params) -> SwatsState:
-        def scalar(value, dtype_fn):
-            return jax.tree.map(lambda p: jnp.asarray(value, dtype_fn(p.dtype)), params)
+        leaves, treedef = jax.tree.flatten(params)
+        wide = _widest_accumulation_dtype(leaves)
+        num_leaves = len(leaves)
+
+        def vector(value, dtype):  # a buffer per field: a donated state holds no buffer twice
+            return jnp.full([num_leaves], value, dtype)
 
         return SwatsState(
             **_core.init_adam(params, amsgrad),
-            lam=scalar(0, _core.accumulation_dtype),
-            sgd_lr=scalar(0, _core.accumulation_dtype),
-            switched=scalar(False, lambda _: jnp.bool_),
-            switch_step=scalar(-1, lambda _: jnp.int32),
-            # 0 until a test runs: no test that runs has gamma == 0 (docs/algorithm.md,
-            # section 2). Not NaN, which jax_debug_nans and multi-process device_put reject.
-            estimate=scalar(0, _core.accumulation_dtype),
-            gamma=scalar(0, _core.accumulation_dtype),
+            index=treedef.unflatten([jnp.array(i, jnp.int32) for i in range(num_leaves)]),
+            per_leaf=PerLeaf(
+                lam=vector(0, wide),
+                sgd_lr=vector(0, wide),
+                switched=vector(False, jnp.bool_),
+                switch_step=vector(-1, jnp.int32),
+                # 0 until a test runs: no test that runs has gamma == 0 (docs/algorithm.md,
+                # section 2). Not NaN, which jax_debug_nans and multi-process device_put reject.
+                estimate=vector(0, wide),
+                gamma=vector(0, wide),
+            ),
         )
 
     config = _Config(
@@ -220,42 +280,36 @@ def scale_by_swats(
         step = optax.safe_increment(count)
         if not grads:
             return treedef.unflatten(grads), state._replace(count=step)
-        fields = (state.mu, state.nu, state.lam, state.sgd_lr, state.switched, state.switch_step)
-        mu, nu, lam, sgd_lr, switched, switch_step = map(treedef.flatten_up_to, fields)
-        estimate, gamma = map(treedef.flatten_up_to, (state.estimate, state.gamma))
+        mu, nu, index = map(treedef.flatten_up_to, (state.mu, state.nu, state.index))
         nu_max = _core.flatten(treedef, state.nu_max)
+        vectors = state.per_leaf
 
         lr = _core.value_at(learning_rate, count)
         scale = _core.value_at(sgd_scale, count)
         hyper = (b1, b2, eps, weight_decay, switch_atol, switch_rtol)
         constants = _core.per_dtype(lambda acc: _step_constants(acc, count, lr, scale, *hyper))
 
-        first_sgd_steps = _first_sgd_steps(config, count, switch_step)
+        first_sgd_step = _first_sgd_steps(config, count, vectors.switch_step)
         new_updates, new_mu, new_nu, new_nu_max, pg, pp = _core.map_leaves(
-            lambda g, *leaf: _leaf_step(config, constants(g), g, *leaf),
+            lambda g, *leaf: _leaf_step(
+                config,
+                constants(g),
+                g,
+                *leaf,
+                vectors.sgd_lr,
+                vectors.switched,
+                first_sgd_step,
+            ),
             6,
             grads,
             leaves_params,
             mu,
             nu,
             nu_max,
-            sgd_lr,
-            switched,
-            first_sgd_steps,
+            index,
         )
-        new_lam, passed, estimates, new_estimate, new_gamma = _core.map_leaves(
-            lambda *leaf: _switch_test(config, constants(leaf[0]), *leaf),
-            5,
-            lam,
-            switched,
-            pg,
-            pp,
-            estimate,
-            gamma,
-        )
-        new_sgd_lr, new_switched, new_switch_step = _switch(
-            config, step, passed, estimates, sgd_lr, switched, switch_step
-        )
+        tested = _switch_tests(config, constants, grads, pg, pp, vectors)
+        per_leaf = _switch(config, step, vectors, *tested)
 
         unflatten = treedef.unflatten
         new_state = SwatsState(
@@ -263,12 +317,8 @@ def scale_by_swats(
             mu=unflatten(new_mu),
             nu=unflatten(new_nu),
             nu_max=unflatten(new_nu_max) if amsgrad else None,
-            lam=unflatten(new_lam),
-            sgd_lr=unflatten(new_sgd_lr),
-            switched=unflatten(new_switched),
-            switch_step=unflatten(new_switch_step),
-            estimate=unflatten(new_estimate),
-            gamma=unflatten(new_gamma),
+            index=state.index,
+            per_leaf=per_leaf,
         )
         return unflatten(new_updates), new_state
 
@@ -288,31 +338,45 @@ def _step_constants(acc, count, lr, scale, b1, b2, eps, weight_decay, atol, rtol
     )
 
 
-def _first_sgd_steps(config: _Config, count: jax.Array, switch_step: list[jax.Array]):
-    """Per leaf, whether this step is its first in the SGD phase (its buffer starts at 0).
+def _widest_accumulation_dtype(leaves) -> jnp.dtype:
+    """float64 when a leaf accumulates in float64, else float32: the dtype of the float
+    vectors of :class:`PerLeaf` (each entry is exact in it)."""
+    dtypes = {_core.accumulation_dtype(leaf.dtype) for leaf in leaves}
+    return max(dtypes, key=lambda d: d.itemsize, default=jnp.dtype(jnp.float32))
+
+
+def _first_sgd_steps(config: _Config, count: jax.Array, switch_step: jax.Array) -> jax.Array:
+    """Per leaf (a vector), whether this step is its first in the SGD phase (its buffer
+    starts at 0).
 
     A leaf's first SGD step follows the step its switch test passed on. In global mode
     every leaf shares the phase and only the leaf that triggered holds the switch step
     (-1 everywhere before the switch).
     """
     if config.mode == "local":
-        return [count == s for s in switch_step]
-    # The barrier keeps XLA from unrolling the maximum into every leaf's kernel.
-    global_switch_step = jnp.max(jax.lax.optimization_barrier(jnp.stack(switch_step)))
-    return [count == global_switch_step] * len(switch_step)
+        return count == switch_step
+    return jnp.broadcast_to(count == jnp.max(switch_step), switch_step.shape)
 
 
-# The per-leaf functions are jitted: inside the optimizer's own jit they are traced and
-# lowered once per distinct leaf signature rather than once per leaf.
+# The per-leaf function is jitted: inside the optimizer's own jit it is traced and lowered
+# once per distinct leaf signature rather than once per leaf.
 @functools.partial(jax.jit, static_argnums=0)
-def _leaf_step(config, const, g, param, m, v, v_max, sgd_lr, switched, first_sgd_step):
+def _leaf_step(config, const, g, param, m, v, v_max, index, sgd_lrs, phases, first_sgd_steps):
     """One leaf's parameter-sized arithmetic: both phases, the current one selected.
 
-    Both phases are written as one expression wherever that is exact, so that the compiled
-    kernels stay about as small as Adam's. Returns the update, the new moments and the two
-    sums of the switch statistics.
+    ``sgd_lrs``, ``phases`` (``switched``) and ``first_sgd_steps`` are vectors over the leaves; this
+    leaf's entries are read at ``index``, an operand (not a constant), so that every leaf of
+    one shape runs the same compiled kernels. Both phases are written as one expression
+    wherever that is exact, so that the compiled kernels stay about as small as Adam's.
+    Returns the update, the new moments and the two sums of the switch statistics.
     """
+
+    def at(vector):
+        return jax.lax.dynamic_index_in_dim(vector, index, keepdims=False)
+
     adam = const.adam
+    sgd_lr = at(sgd_lrs).astype(adam.b1.dtype)
+    switched, first_sgd_step = at(phases), at(first_sgd_steps)
     g_acc = _core.gradient(adam, g, param)
     new_m, new_v, new_v_max, v_denominator = _moments(
         config, adam, g_acc, m, v, v_max, switched, first_sgd_step
@@ -373,9 +437,49 @@ def _switch_statistics(update, g):
     return jnp.sum(update * g, dtype=g.dtype), jnp.sum(update * update, dtype=g.dtype)
 
 
+def _switch_tests(config, constants, grads, pg, pp, vectors: PerLeaf):
+    """Every leaf's switch test, run on vectors: once per accumulation dtype of the leaves
+    (once, unless float64 and narrower leaves are mixed).
+
+    Returns, as vectors in leaf order (floats in the dtype of ``vectors``): the new ``lam``,
+    whether the test passed, this step's estimate, and the estimate and projected rate to
+    keep in the state.
+    """
+    groups: dict[jnp.dtype, list[int]] = {}
+    for i, g in enumerate(grads):
+        groups.setdefault(_core.accumulation_dtype(g.dtype), []).append(i)
+    wide = vectors.lam.dtype
+    results = []
+    for acc, positions in groups.items():
+        group = np.asarray(positions)
+
+        def take(x, group=group):  # the whole vector when every leaf is in the group
+            return x if len(groups) == 1 else x[group]
+
+        tested = _switch_test(
+            config,
+            constants(grads[positions[0]]),
+            take(vectors.lam).astype(acc),
+            take(vectors.switched),
+            jnp.stack([pg[i] for i in positions]),
+            jnp.stack([pp[i] for i in positions]),
+            take(vectors.estimate).astype(acc),
+            take(vectors.gamma).astype(acc),
+        )
+        results.append([x.astype(wide) if x.dtype == acc else x for x in tested])
+    if len(results) == 1:
+        return results[0]
+    # Mixed accumulation dtypes: put each group's entries back in leaf order.
+    order = np.argsort(np.concatenate([np.asarray(p) for p in groups.values()]))
+    return [jnp.concatenate(field)[order] for field in zip(*results)]
+
+
+# Jitted, so that the test compiles to the same kernels whether the update runs eagerly or
+# inside a larger jit (XLA:CPU contracts multiply-adds into FMAs within a kernel).
 @functools.partial(jax.jit, static_argnums=0)
 def _switch_test(config, const, lam, switched, pg, pp, last_estimate, last_gamma):
-    """One leaf's switch test (docs/algorithm.md, section 2).
+    """The switch test (docs/algorithm.md, section 2), on vectors of leaves of one
+    accumulation dtype.
 
     Returns the new ``lam``, whether the test passed, this step's bias-corrected estimate,
     and the estimate and projected rate to keep in the state: this step's where its test
@@ -394,14 +498,8 @@ def _switch_test(config, const, lam, switched, pg, pp, last_estimate, last_gamma
     passed = valid & const.after_first & close
     if config.require_positive:
         passed &= estimate > 0
-    # The values kept for the diagnostics go through a barrier, and their test is written
-    # again behind it: otherwise XLA fuses the test above differently, and XLA:CPU, which
-    # contracts multiply-adds into FMAs per fused kernel, then rounds `lam` differently.
-    # This way the trajectories stay bit for bit those without the diagnostics.
-    pg, estimate_kept, gamma_kept = jax.lax.optimization_barrier((pg, estimate, gamma))
-    kept = _test_runs(config, pg, switched, gamma_kept)
-    estimate_kept = jnp.where(kept, estimate_kept, last_estimate)
-    gamma_kept = jnp.where(kept, gamma_kept, last_gamma)
+    estimate_kept = jnp.where(valid, estimate, last_estimate)
+    gamma_kept = jnp.where(valid, gamma, last_gamma)
     return new_lam, passed, estimate, estimate_kept, gamma_kept
 
 
@@ -414,35 +512,31 @@ def _test_runs(config, pg, switched, gamma):
     return valid
 
 
-def _switch(config, step, passed, estimates, sgd_lr, switched, switch_step):
-    """The switch (docs/algorithm.md, section 5): new ``sgd_lr``, ``switched``, ``switch_step``.
+def _switch(config, step, vectors, new_lam, passed, estimate, estimate_kept, gamma_kept):
+    """The switch (docs/algorithm.md, section 5): the new per-leaf vectors.
 
     Local mode: each leaf whose test passed adopts its own estimate. Global mode: the
     first leaf (in flatten order) whose test passed switches every leaf to its estimate.
     """
     if config.mode == "local":
-        return (
-            [jnp.where(p, e, r) for p, e, r in zip(passed, estimates, sgd_lr)],
-            [s | p for s, p in zip(switched, passed)],
-            [jnp.where(p, step, s) for p, s in zip(passed, switch_step)],
-        )
-    # The barriers keep XLA from copying every leaf's test into every leaf's bookkeeping,
-    # which made the program grow with the square of the leaf count.
-    passed_any = jax.lax.optimization_barrier(jnp.stack(passed))
-    triggered = jnp.any(passed_any)
-    wide = jnp.result_type(*estimates)
-    adopted = jax.lax.optimization_barrier(jnp.stack([e.astype(wide) for e in estimates]))
-    adopted = adopted[jnp.argmax(passed_any)]
-    # The leaf that triggered is recognised by its estimate rather than by its position,
-    # so that every leaf's bookkeeping compiles to the same kernel (a kernel per leaf
-    # position made DenseNet-121 compile 5 s longer).
-    return (
-        [jnp.where(triggered, adopted.astype(r.dtype), r) for r in sgd_lr],
-        [s | triggered for s in switched],
-        [
-            jnp.where(p & (e.astype(wide) == adopted), step, s)
-            for p, e, s in zip(passed, estimates, switch_step)
-        ],
+        sgd_lr = jnp.where(passed, estimate, vectors.sgd_lr)
+        switched = vectors.switched | passed
+        switch_step = jnp.where(passed, step, vectors.switch_step)
+    else:
+        triggered = jnp.any(passed)
+        adopted = estimate[jnp.argmax(passed)]
+        sgd_lr = jnp.where(triggered, adopted, vectors.sgd_lr)
+        switched = vectors.switched | triggered
+        # Every leaf that passed with exactly the adopted rate records the switch (identical
+        # leaves do; docs/algorithm.md, section 5).
+        switch_step = jnp.where(passed & (estimate == adopted), step, vectors.switch_step)
+    return PerLeaf(
+        lam=new_lam,
+        sgd_lr=sgd_lr,
+        switched=switched,
+        switch_step=switch_step,
+        estimate=estimate_kept,
+        gamma=gamma_kept,
     )
 
 

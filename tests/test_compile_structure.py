@@ -61,6 +61,9 @@ def test_leaves_of_one_shape_share_their_kernels(name):
         params = {f"w{i:02d}": jnp.zeros((7, 3)) for i in range(num_leaves)}
         return _distinct_kernels(_compiled_step_text(FACTORIES[name](), params))
 
-    # Kernels over the stacked per-leaf flags change with the leaf count, but their number
-    # does not; a kernel per leaf would make 16 leaves need more than 4 do.
-    assert kernels(16) <= kernels(4)
+    # Kernels over the per-leaf vectors change with the leaf count, but their number does
+    # not; a kernel per leaf would make 32 leaves need more than 16 do. (With fewer than
+    # 16 leaves XLA may fuse a few leaves' sums into the kernel that stacks them, and from
+    # about 40 it splits the reductions over the vectors in two: both change the count by a
+    # constant, not per leaf.)
+    assert kernels(32) <= kernels(16)

@@ -243,8 +243,12 @@ def test_state_keeps_two_buffers_and_stable_dtypes():
     for _ in range(3):
         _, new_state = jax.jit(opt.update)(jax.tree.map(jnp.ones_like, params), new_state)
     assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype, new_state)
-    buffers = [x for x in jax.tree.leaves(state) if x.size > 1]
+    # Parameter-sized buffers: two per leaf, like Adam. The per-leaf scalars are vectors with
+    # one entry per leaf.
+    shapes = {p.shape for p in params.values()}
+    buffers = [x for x in jax.tree.leaves(state) if x.ndim > 0 and x.shape in shapes]
     assert len(buffers) == 2 * len(params)
+    assert all(x.shape == (len(params),) for x in state.per_leaf)
     assert state.lam["b"].dtype == jnp.float32 and state.mu["b"].dtype == jnp.bfloat16
 
 
@@ -303,3 +307,53 @@ def test_global_first_leaf_in_flatten_order_sets_the_rate():
     rate_a = events[0].sgd_lr
     np.testing.assert_allclose(rate_a, 1e-3 * 2 / 2.5, rtol=1e-4)
     assert {float(r) for r in jax.tree.leaves(state.sgd_lr)} == {rate_a}
+
+
+@pytest.mark.parametrize("factory", [swats_jax.swats_local, swats_jax.swats_global])
+def test_donated_state_steps_under_jit(factory):
+    """The state's buffers are distinct (no vector shared by two fields), so a jitted step
+    can donate it, step after step."""
+    params = {"a": jnp.ones((4, 3)), "b": jnp.ones(5), "c": jnp.ones((4, 3))}
+    opt = factory(learning_rate=1e-2)
+
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    donated = jax.jit(step, donate_argnums=(0, 1))
+    plain_params, plain_state = params, opt.init(params)
+    ours = jax.tree.map(jnp.copy, params), opt.init(params)
+    for k in range(1, 6):
+        grads = jax.tree.map(lambda p, k=k: jnp.sin(k * p), plain_params)
+        plain_params, plain_state = jax.jit(step)(plain_params, plain_state, grads)
+        ours = donated(*ours, grads)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves((plain_params, plain_state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_mixed_float32_and_float64_leaves_follow_their_own_dtype(x64):
+    """With float32 and float64 leaves, each leaf's switch test runs in its own
+    accumulation dtype: the float32 leaf follows what it does alone, and the views keep
+    each leaf's dtype."""
+    wide = {"a": jnp.linspace(0.5, 1.5, 6), "w": jnp.linspace(-1.0, 1.0, 8, dtype=jnp.float32)}
+    alone = {"w": wide["w"]}
+
+    def run(params):
+        opt = swats_jax.swats_local(learning_rate=1e-2, switch_tol=1e-3)
+        state = opt.init(params)
+        for k in range(1, 8):
+            # "w": a constant gradient, whose test passes on step 2 (then SGD steps).
+            grads = {**params, "w": jnp.full(8, 0.2, jnp.float32)}
+            if "a" in params:
+                grads["a"] = jnp.cos(k * params["a"])
+            updates, state = opt.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    (params, state), (params_alone, state_alone) = run(wide), run(alone)
+    assert state.per_leaf.lam.dtype == jnp.float64 and state.lam["w"].dtype == jnp.float32
+    assert params["w"].dtype == jnp.float32 and params["a"].dtype == jnp.float64
+    np.testing.assert_array_equal(params["w"], params_alone["w"])
+    for field in ("lam", "sgd_lr", "switched", "switch_step", "estimate", "gamma"):
+        np.testing.assert_array_equal(getattr(state, field)["w"], getattr(state_alone, field)["w"])
+    assert int(state.switch_step["w"]) > 0  # the float32 leaf took SGD steps too
