@@ -283,6 +283,13 @@ def scale_by_swats(
         mu, nu, index = map(treedef.flatten_up_to, (state.mu, state.nu, state.index))
         nu_max = _core.flatten(treedef, state.nu_max)
         vectors = state.per_leaf
+        if any(jnp.shape(v) != (len(grads),) for v in vectors):
+            shapes = {name: jnp.shape(v) for name, v in vectors._asdict().items()}
+            raise ValueError(
+                f"scale_by_swats: the state's per-leaf vectors have shapes {shapes}, expected "
+                f"({len(grads)},) for {len(grads)} leaves; was the state made by init() for "
+                "these parameters?"
+            )
 
         lr = _core.value_at(learning_rate, count)
         scale = _core.value_at(sgd_scale, count)

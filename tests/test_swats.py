@@ -357,3 +357,12 @@ def test_mixed_float32_and_float64_leaves_follow_their_own_dtype(x64):
     for field in ("lam", "sgd_lr", "switched", "switch_step", "estimate", "gamma"):
         np.testing.assert_array_equal(getattr(state, field)["w"], getattr(state_alone, field)["w"])
     assert int(state.switch_step["w"]) > 0  # the float32 leaf took SGD steps too
+
+
+def test_per_leaf_vectors_of_another_length_are_refused():
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    opt = swats_jax.swats_local()
+    state = opt.init(params)
+    wrong = state._replace(per_leaf=jax.tree.map(lambda v: v[:1], state.per_leaf))
+    with pytest.raises(ValueError, match=r"expected \(2,\) for 2 leaves"):
+        opt.update(params, wrong)
