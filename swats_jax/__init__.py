@@ -9,12 +9,13 @@ from swats_jax.events import (
     switch_diagnostics,
     switch_events,
 )
-from swats_jax.swats import SwatsState, scale_by_swats, swats_global, swats_local
+from swats_jax.swats import PerLeaf, SwatsState, scale_by_swats, swats_global, swats_local
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaBoundState",
+    "PerLeaf",
     "SwatsState",
     "SwitchDiagnostic",
     "SwitchEvent",

@@ -46,9 +46,19 @@ def _leaf_path(path: tuple[Any, ...]) -> str:
 
 
 def _swats_states(opt_state: Any) -> list[SwatsState]:
-    """The :class:`SwatsState` values inside ``opt_state``, in pytree flatten order."""
+    """The :class:`SwatsState` values inside ``opt_state``, in pytree flatten order.
+
+    Raises ``ValueError`` for one without its per-leaf vectors (``per_leaf``).
+    """
     is_swats = lambda x: isinstance(x, SwatsState)  # noqa: E731
-    return [s for s in jax.tree.leaves(opt_state, is_leaf=is_swats) if is_swats(s)]
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=is_swats) if is_swats(s)]
+    for state in states:
+        if not isinstance(state.per_leaf, tuple) or any(v is None for v in state.per_leaf):
+            raise ValueError(
+                "This SwatsState has no per-leaf vectors (SwatsState.per_leaf); was it "
+                "stripped of its non-scalar arrays? Keep `per_leaf` and `index`."
+            )
+    return states
 
 
 def switch_events(opt_state: Any) -> list[SwitchEvent]:

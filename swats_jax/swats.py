@@ -70,7 +70,8 @@ class SwatsState(NamedTuple):
       index: per leaf, an int32 scalar: its entry in the vectors of ``per_leaf`` (its
         position in flatten order, set by ``init`` and never changed). The update reads a
         leaf's entries through it, as an operand rather than a constant, so that leaves of
-        one shape share their compiled kernels.
+        one shape share their compiled kernels. A state rebuilt by hand must keep these
+        values (``jax.tree.map(jnp.zeros_like, state)`` would point every leaf at entry 0).
       per_leaf: the per-leaf scalars as vectors (:class:`PerLeaf`).
 
     Per-leaf views (properties):
@@ -481,8 +482,9 @@ def _switch_tests(config, constants, grads, pg, pp, vectors: PerLeaf):
     return [jnp.concatenate(field)[order] for field in zip(*results)]
 
 
-# Jitted, so that the test compiles to the same kernels whether the update runs eagerly or
-# inside a larger jit (XLA:CPU contracts multiply-adds into FMAs within a kernel).
+# Jitted, so that an eager update too runs the test as compiled kernels, which round like
+# those of a jitted update where XLA fuses alike (XLA:CPU contracts multiply-adds into FMAs
+# within a kernel; op by op, the test would round differently).
 @functools.partial(jax.jit, static_argnums=0)
 def _switch_test(config, const, lam, switched, pg, pp, last_estimate, last_gamma):
     """The switch test (docs/algorithm.md, section 2), on vectors of leaves of one
@@ -496,7 +498,10 @@ def _switch_test(config, const, lam, switched, pg, pp, last_estimate, last_gamma
     gamma = pp / -pg
     valid = _test_runs(config, pg, switched, gamma)
     new_lam = jnp.where(valid, adam.b2 * lam + adam.one_minus_b2 * gamma, lam)
-    estimate = new_lam / adam.bc2
+    # A true division for every entry: XLA turns a division by a broadcast scalar into a
+    # multiplication by its reciprocal (one rounding more) where it sees one, and whether
+    # it does would depend on the number of leaves and on the surrounding program.
+    estimate = new_lam / jax.lax.optimization_barrier(jnp.broadcast_to(adam.bc2, new_lam.shape))
     gap = jnp.abs(estimate - gamma)
     tolerance = const.atol
     if config.relative_tol:

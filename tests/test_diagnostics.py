@@ -250,3 +250,12 @@ def test_flax_nnx_paths_have_no_value_suffix():
 def test_docstring_example_runs():
     results = doctest.testmod(swats_jax.events, optionflags=doctest.ELLIPSIS)
     assert results.attempted >= 5 and results.failed == 0
+
+
+def test_a_state_stripped_of_its_per_leaf_vectors_is_refused_clearly():
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    state = swats_jax.swats_local().init(params)
+    stripped = jax.tree.map(lambda x: x if x.ndim == 0 else None, state)  # drops per_leaf
+    for read in (swats_jax.switch_diagnostics, swats_jax.switch_events, swats_jax.num_switched):
+        with pytest.raises(ValueError, match="no per-leaf vectors"):
+            read(stripped)
