@@ -28,9 +28,8 @@ import sys
 import time
 
 import jax
-import numpy as np
 import optax
-from update_speed import _apply, make_tree, with_switch_sums
+from update_speed import _apply, make_tree, time_step, with_switch_sums
 
 import swats_jax
 
@@ -119,23 +118,12 @@ def breakdown(tree: str) -> None:
         )
 
 
-def _step_ms(opt, params, grads, repeats: int) -> float:
-    step = jax.jit(_apply(opt))
-    state = opt.init(params)
-    for _ in range(3):
-        params, state = step(params, state, grads)
-    jax.block_until_ready(params)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        params, state = jax.block_until_ready(step(params, state, grads))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
-
-
 def step_times(tree: str, repeats: int) -> None:
     params, grads = make_tree(tree)
-    times = {name: _step_ms(opt, params, grads, repeats) for name, opt in optimizers().items()}
+    times = {
+        name: 1e3 * time_step(opt, params, grads, repeats, donate=False)
+        for name, opt in optimizers().items()
+    }
     print(f"\n# {tree}: update-and-apply step, not donated, median of {repeats}, one process")
     print("| optimizer | step ms | vs adam | vs adam + switch sums |")
     print("|---|---:|---:|---:|")
