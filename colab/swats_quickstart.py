@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -282,10 +282,17 @@ display(
 
 # %%
 def scalars_only(state):
-    """The state without its moments (the parameter-sized buffers): what
-    switch_diagnostics reads."""
+    """The state without its parameter-sized buffers, what switch_diagnostics reads: the
+    per-leaf vectors, and the first moments' structure and dtypes (one scalar per leaf)
+    that name the leaves."""
     is_swats = lambda x: isinstance(x, swats_jax.SwatsState)  # noqa: E731
-    drop = lambda s: s._replace(mu=None, nu=None, nu_max=None) if is_swats(s) else s  # noqa: E731
+
+    def drop(s):
+        if not is_swats(s):
+            return s
+        names = jax.tree.map(lambda m: jnp.zeros((), m.dtype), s.mu)
+        return s._replace(mu=names, nu=None, nu_max=None)
+
     return jax.tree.map(drop, state, is_leaf=is_swats)
 
 

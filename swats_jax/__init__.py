@@ -11,7 +11,7 @@ from swats_jax.events import (
 )
 from swats_jax.swats import PerLeaf, SwatsState, scale_by_swats, swats_global, swats_local
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AdaBoundState",

@@ -1,7 +1,5 @@
 """AdaBound and AMSBound (Luo et al. 2019) as an Optax gradient transformation."""
 
-from __future__ import annotations
-
 import sys
 import warnings
 from typing import NamedTuple
@@ -21,7 +19,9 @@ class AdaBoundState(NamedTuple):
       mu: first moment.
       nu: second moment.
       nu_max: running maximum of ``nu`` with ``amsbound=True``, else ``None``.
-      base_lr: the learning rate the bounds are relative to (float scalar).
+      base_lr: the learning rate the bounds are relative to (float scalar); 0, as in a
+        state reset to zeros, stands for the value ``init`` records (``base_lr``, or the
+        learning rate at step 0), so that a zeroed state trains as a fresh one.
     """
 
     count: jax.Array
@@ -90,8 +90,11 @@ def scale_by_adabound(
     elif callable(learning_rate):
         _warn_if_schedule_rises(learning_rate)
 
+    def initial_lr():
+        return base_lr if base_lr is not None else _core.value_at(learning_rate, 0)
+
     def init_fn(params: optax.Params) -> AdaBoundState:
-        first_lr = base_lr if base_lr is not None else _core.value_at(learning_rate, 0)
+        first_lr = initial_lr()
         _checks.check_positive(
             "base_lr (by default the learning rate at step 0; pass base_lr=)", first_lr
         )
@@ -103,6 +106,9 @@ def scale_by_adabound(
 
     def update_leaves(treedef, grads, leaves_params, state: AdaBoundState):
         count = state.count
+        # 0 (a state reset to zeros) means "not recorded yet", as in a fresh state.
+        recorded = state.base_lr
+        base = jnp.where(recorded > 0, recorded, jnp.asarray(initial_lr(), recorded.dtype))
         lr = _core.value_at(learning_rate, count)
         constants = _core.per_dtype(
             lambda acc: _core.adam_constants(acc, count, lr, b1, b2, eps, weight_decay)
@@ -118,7 +124,7 @@ def scale_by_adabound(
                 v_max = _core.running_max(v_max, new_v)
                 v_denominator = v_max
             lr_k, k = const.learning_rate, const.k
-            final_k = jnp.asarray(final_lr, lr_k.dtype) * lr_k / state.base_lr.astype(lr_k.dtype)
+            final_k = jnp.asarray(final_lr, lr_k.dtype) * lr_k / base.astype(lr_k.dtype)
             # final * (1 - 1/(gamma*k + 1)), without float32 cancellation at small k.
             lower = final_k * (gamma * k) / (gamma * k + 1)
             upper = final_k * (1 + 1 / (gamma * k))
@@ -144,7 +150,7 @@ def scale_by_adabound(
             mu=treedef.unflatten(mu),
             nu=treedef.unflatten(nu),
             nu_max=treedef.unflatten(nu_max) if amsbound else None,
-            base_lr=state.base_lr,
+            base_lr=base,
         )
         return treedef.unflatten(new_updates), new_state
 

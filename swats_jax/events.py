@@ -1,8 +1,6 @@
 """Reading the switch points, and how far each leaf is from its switch, out of an optimizer
 state."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -48,17 +46,52 @@ def _leaf_path(path: tuple[Any, ...]) -> str:
 def _swats_states(opt_state: Any) -> list[SwatsState]:
     """The :class:`SwatsState` values inside ``opt_state``, in pytree flatten order.
 
-    Raises ``ValueError`` for one without its per-leaf vectors (``per_leaf``).
+    Raises ``ValueError`` where the switches cannot be read: under ``jit`` (traced values), for
+    a state without its per-leaf vectors or its first moments, or for a state that holds none
+    but looks like one restored without a target (a plain dict).
     """
     is_swats = lambda x: isinstance(x, SwatsState)  # noqa: E731
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(opt_state)):
+        raise ValueError(
+            "The switches are read from concrete arrays on the host: call switch_events, "
+            "switch_diagnostics and num_switched outside jit (e.g. once per epoch), not on "
+            "traced values."
+        )
     states = [s for s in jax.tree.leaves(opt_state, is_leaf=is_swats) if is_swats(s)]
+    if not states and _holds_raw_swats_state(opt_state):
+        raise ValueError(
+            "This optimizer state holds SWATS fields (per_leaf, mu, ...) in plain containers, "
+            "not a SwatsState: it was restored without a target (e.g. by Orbax's restore "
+            "without `target`/`item`), which loses the types the switches are read from. "
+            "Restore it with a target, e.g. the state of `opt.init(params)` (or "
+            "`jax.eval_shape(opt.init, params)`)."
+        )
     for state in states:
-        if not isinstance(state.per_leaf, tuple) or any(v is None for v in state.per_leaf):
+        per_leaf = state.per_leaf
+        if not isinstance(per_leaf, tuple) or any(v is None for v in per_leaf):
             raise ValueError(
                 "This SwatsState has no per-leaf vectors (SwatsState.per_leaf); was it "
-                "stripped of its non-scalar arrays? Keep `per_leaf` and `index`."
+                "stripped of its non-scalar arrays? Keep `per_leaf` and `mu`."
+            )
+        if state.mu is None or len(jax.tree.leaves(state.mu)) != len(per_leaf.lam):
+            raise ValueError(
+                "This SwatsState has no first moments (SwatsState.mu) matching its per-leaf "
+                "vectors; the leaves' names and dtypes are read from `mu`, so keep it (a tree "
+                "of scalars of the moments' dtypes does)."
             )
     return states
+
+
+def _holds_raw_swats_state(tree: Any) -> bool:
+    """Whether ``tree`` has a dict with the fields of a :class:`SwatsState` (what a restore
+    without a target makes of one)."""
+    if isinstance(tree, dict):
+        if {"per_leaf", "mu", "count"} <= set(tree):
+            return True
+        return any(_holds_raw_swats_state(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_holds_raw_swats_state(value) for value in tree)
+    return False
 
 
 def switch_events(opt_state: Any) -> list[SwitchEvent]:
@@ -80,7 +113,7 @@ def switch_events(opt_state: Any) -> list[SwitchEvent]:
     events = []
     for paths, fields in _per_leaf_on_host(opt_state, ("switch_step", "sgd_lr")):
         for path, step, sgd_lr in zip(paths, *fields):
-            if int(step) >= 0:
+            if int(step) > 0:
                 events.append(SwitchEvent(path, int(step), float(sgd_lr)))
     return sorted(events, key=lambda event: event.step)
 
@@ -92,7 +125,7 @@ def _per_leaf_on_host(opt_state: Any, names: tuple[str, ...]) -> list[tuple[list
     states = _swats_states(opt_state)
     vectors = jax.device_get([tuple(getattr(s.per_leaf, n) for n in names) for s in states])
     return [
-        (_leaf_paths(state.index), [jax.tree.leaves(state.leaf_view(v)) for v in fields])
+        (_leaf_paths(state.mu), [jax.tree.leaves(state.leaf_view(v)) for v in fields])
         for state, fields in zip(states, vectors)
     ]
 
@@ -190,7 +223,7 @@ def switch_diagnostics(opt_state: Any) -> list[SwitchDiagnostic]:
                 SwitchDiagnostic(
                     path=path,
                     phase="sgd" if bool(switched) else "adam",
-                    switch_step=int(step) if int(step) >= 0 else None,
+                    switch_step=int(step) if int(step) > 0 else None,
                     estimate=float(estimate),
                     gamma=float(gamma),
                     relative_gap=float(relative_gap),

@@ -8,8 +8,6 @@ moments (section 1), the SGD candidate (section 3), the switch statistics and te
 (section 2), and the switch decision, local or global (section 5).
 """
 
-from __future__ import annotations
-
 import functools
 from typing import Literal, NamedTuple
 
@@ -27,11 +25,12 @@ Momentum = Literal["paper", "reference"]
 class PerLeaf(NamedTuple):
     """The per-leaf scalars of :class:`SwatsState`, one vector entry per leaf.
 
-    Entry ``i`` belongs to the ``i``-th leaf in pytree flatten order (``SwatsState.index``
-    holds each leaf's ``i``). Float vectors have the widest accumulation dtype of the leaves
-    (float32, or float64 when a leaf is float64); each entry holds a value computed in its own
-    leaf's accumulation dtype, exactly. :class:`SwatsState`'s properties of the same names give
-    the per-leaf view.
+    Entry ``i`` belongs to the ``i``-th leaf in pytree flatten order. Every field of a fresh
+    state is zero (``switch_step`` 0: no switch, since steps count from 1), so a state rebuilt
+    as zeros (``optax.tree_utils.tree_zeros_like``) is a fresh state. Float vectors have the
+    widest accumulation dtype of the leaves (float32, or float64 when a leaf is float64); each
+    entry holds a value computed in its own leaf's accumulation dtype, exactly.
+    :class:`SwatsState`'s properties of the same names give the per-leaf view.
     """
 
     lam: jax.Array
@@ -53,12 +52,15 @@ def _leaf_view_property(name: str) -> property:
 class SwatsState(NamedTuple):
     r"""State of :func:`scale_by_swats`.
 
-    ``mu``, ``nu``, ``nu_max`` and ``index`` are pytrees with the structure of the parameters;
-    the per-leaf scalars live in ``per_leaf``, one vector entry per leaf, so that the switch
-    test runs once on small vectors rather than as kernels of its own for every leaf
-    (docs/algorithm.md, section 4). The properties ``lam``, ``sgd_lr``, ``switched``,
-    ``switch_step``, ``estimate`` and ``gamma`` read them as pytrees with the structure of the
-    parameters, in each leaf's accumulation dtype.
+    ``mu``, ``nu`` and ``nu_max`` are the only pytrees with the structure of the parameters,
+    and they are parameter-shaped, as in ``optax.adam``'s state: optax's tree utilities
+    (``tree_map_params`` for sharding, ``tree_zeros_like`` for a reset, ``tree_get``) treat
+    them as they treat Adam's moments. The per-leaf scalars live in ``per_leaf``, one vector
+    entry per leaf, so that the switch test runs once on small vectors rather than as kernels
+    of its own for every leaf (docs/algorithm.md, section 4). Every array of a fresh state is
+    zero: a state reset to zeros is exactly a fresh one. The properties ``lam``, ``sgd_lr``,
+    ``switched``, ``switch_step``, ``estimate`` and ``gamma`` read them as pytrees with the
+    structure of the parameters, in each leaf's accumulation dtype.
 
     Attributes:
       count: number of completed updates (int32 scalar).
@@ -67,11 +69,6 @@ class SwatsState(NamedTuple):
         again, so the buffer reuses its storage).
       nu: Adam's second moment (frozen once a leaf has switched).
       nu_max: running maximum of ``nu`` when ``amsgrad=True``, else ``None``.
-      index: per leaf, an int32 scalar: its entry in the vectors of ``per_leaf`` (its
-        position in flatten order, set by ``init`` and never changed). The update reads a
-        leaf's entries through it, as an operand rather than a constant, so that leaves of
-        one shape share their compiled kernels. A state rebuilt by hand must keep these
-        values (``jax.tree.map(jnp.zeros_like, state)`` would point every leaf at entry 0).
       per_leaf: the per-leaf scalars as vectors (:class:`PerLeaf`).
 
     Per-leaf views (properties):
@@ -80,7 +77,7 @@ class SwatsState(NamedTuple):
       sgd_lr: adopted SGD rate, before ``sgd_scale`` (0 until the switch).
       switched: bool, True once the leaf takes SGD steps (from the step after its switch).
       switch_step: int32, the 1-based step on which this leaf's own switch test passed and
-        caused a switch; -1 otherwise. In global mode only the leaf that triggered the switch
+        caused a switch; 0 otherwise. In global mode only the leaf that triggered the switch
         has one (or each leaf that passed on that step with exactly the adopted rate, as
         identical leaves do).
       estimate: the bias-corrected estimate :math:`\Lambda` = ``lam / (1 - b2**k)`` of the
@@ -98,20 +95,17 @@ class SwatsState(NamedTuple):
     mu: optax.Updates
     nu: optax.Updates
     nu_max: optax.Updates | None
-    index: optax.Updates
     per_leaf: PerLeaf
 
     def leaf_view(self, vector: jax.Array | np.ndarray) -> optax.Updates:
         """``vector`` (one entry per leaf, e.g. a field of ``per_leaf``, on the host or not) as
-        a pytree with the structure of the parameters (that of ``index``). Float entries are
-        in each leaf's accumulation dtype, read from ``mu``; in the vector's dtype when the
-        state was stripped of its moments."""
-        leaves, treedef = jax.tree.flatten(self.index)
-        moments = jax.tree.leaves(self.mu)
-        if jnp.issubdtype(vector.dtype, jnp.floating) and len(moments) == len(leaves):
+        a pytree with the structure of the parameters (that of ``mu``). Float entries are in
+        each leaf's accumulation dtype, read from ``mu``'s dtypes."""
+        moments, treedef = jax.tree.flatten(self.mu)
+        if jnp.issubdtype(vector.dtype, jnp.floating):
             dtypes = [_core.accumulation_dtype(m.dtype) for m in moments]
             return treedef.unflatten([vector[i].astype(d) for i, d in enumerate(dtypes)])
-        return treedef.unflatten([vector[i] for i in range(len(leaves))])
+        return treedef.unflatten([vector[i] for i in range(len(moments))])
 
     lam = _leaf_view_property("lam")
     sgd_lr = _leaf_view_property("sgd_lr")
@@ -242,7 +236,7 @@ def scale_by_swats(
     require_positive = require_positive or mode == "global"
 
     def init_fn(params: optax.Params) -> SwatsState:
-        leaves, treedef = jax.tree.flatten(params)
+        leaves = jax.tree.leaves(params)
         wide = _widest_accumulation_dtype(leaves)
         num_leaves = len(leaves)
 
@@ -251,12 +245,11 @@ def scale_by_swats(
 
         return SwatsState(
             **_core.init_adam(params, amsgrad),
-            index=treedef.unflatten([jnp.array(i, jnp.int32) for i in range(num_leaves)]),
             per_leaf=PerLeaf(
                 lam=vector(0, wide),
                 sgd_lr=vector(0, wide),
                 switched=vector(False, jnp.bool_),
-                switch_step=vector(-1, jnp.int32),
+                switch_step=vector(0, jnp.int32),  # steps count from 1: 0 is "none"
                 # 0 until a test runs: no test that runs has gamma == 0 (docs/algorithm.md,
                 # section 2). Not NaN, which jax_debug_nans and multi-process device_put reject.
                 estimate=vector(0, wide),
@@ -281,7 +274,7 @@ def scale_by_swats(
         step = optax.safe_increment(count)
         if not grads:
             return treedef.unflatten(grads), state._replace(count=step)
-        mu, nu, index = map(treedef.flatten_up_to, (state.mu, state.nu, state.index))
+        mu, nu = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
         nu_max = _core.flatten(treedef, state.nu_max)
         vectors = state.per_leaf
         if any(jnp.shape(v) != (len(grads),) for v in vectors):
@@ -314,7 +307,7 @@ def scale_by_swats(
             mu,
             nu,
             nu_max,
-            index,
+            _leaf_indices(len(grads), count),
         )
         tested = _switch_tests(config, constants, grads, pg, pp, vectors)
         per_leaf = _switch(config, step, vectors, *tested)
@@ -325,7 +318,6 @@ def scale_by_swats(
             mu=unflatten(new_mu),
             nu=unflatten(new_nu),
             nu_max=unflatten(new_nu_max) if amsgrad else None,
-            index=state.index,
             per_leaf=per_leaf,
         )
         return unflatten(new_updates), new_state
@@ -359,11 +351,32 @@ def _first_sgd_steps(config: _Config, count: jax.Array, switch_step: jax.Array) 
 
     A leaf's first SGD step follows the step its switch test passed on. In global mode
     every leaf shares the phase and only the leaf that triggered holds the switch step
-    (-1 everywhere before the switch).
+    (0 everywhere before the switch, and steps count from 1).
     """
     if config.mode == "local":
-        return count == switch_step
-    return jnp.broadcast_to(count == jnp.max(switch_step), switch_step.shape)
+        return (switch_step > 0) & (count == switch_step)
+    last = jnp.max(switch_step)
+    return jnp.broadcast_to((last > 0) & (count == last), switch_step.shape)
+
+
+def _leaf_indices(num_leaves: int, count: jax.Array) -> tuple[jax.Array, ...]:
+    """Each leaf's entry in the per-leaf vectors (its position in flatten order), as int32
+    scalars that XLA cannot see as constants.
+
+    A leaf's kernels read its entries at this index. Were it a constant, XLA would fold it
+    into each leaf's kernels and compile one distinct kernel per leaf (a DenseNet-121 update
+    then compiles four times as many kernels). Returned by a conditional on a run-time value,
+    the indices reach the kernels as operands, so that leaves of one shape share their
+    compiled kernels. Both branches give the same indices for any ``count`` (the second
+    computes them in a way XLA does not fold to the first's, which would let it drop the
+    conditional; an optimization barrier is removed before fusion). The indices are made
+    here rather than kept in the state, so that nothing in the state can point a leaf at
+    another leaf's entries.
+    """
+    indices = tuple(jnp.int32(i) for i in range(num_leaves))
+    return jax.lax.cond(
+        count >= 0, lambda: indices, lambda: tuple(i + count - count for i in indices)
+    )
 
 
 # The per-leaf function is jitted: inside the optimizer's own jit it is traced and lowered

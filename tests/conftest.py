@@ -3,10 +3,15 @@
 Helpers that tests import live in ``helpers.py``, not here.
 """
 
+import os
 import tempfile
 
 import jax
 import pytest
+
+# tests/multidevice needs four host devices, fixed when JAX starts: test_multidevice.py runs
+# it in a process of its own, which sets this variable.
+collect_ignore = [] if os.environ.get("SWATS_JAX_MULTIDEVICE") else ["multidevice"]
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Trainer tests build the same tiny programs in several runs (e.g. a run and its resumed

@@ -152,7 +152,7 @@ def test_zero_gradient_leaf_never_switches_nor_nans(factory):
         updates, state = update({"live": jnp.full(3, 0.3), "dead": jnp.zeros(2)}, state)
         assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
     assert float(state.lam["dead"]) == 0.0
-    assert int(state.switch_step["dead"]) == -1
+    assert int(state.switch_step["dead"]) == 0  # 0: no switch (steps count from 1)
     assert [e.path for e in swats_jax.switch_events(state)] == ["live"]
     if factory is swats_jax.swats_local:
         assert not bool(state.switched["dead"])
@@ -181,7 +181,7 @@ def test_zero_size_leaves(factory):
     for _ in range(4):
         updates, state = jax.jit(opt.update)({"empty": jnp.zeros((0, 3)), "w": jnp.ones(2)}, state)
     assert updates["empty"].shape == (0, 3)
-    assert int(state.switch_step["empty"]) == -1
+    assert int(state.switch_step["empty"]) == 0
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state))
 
 
