@@ -259,11 +259,19 @@ def reference_recipe(opt: str, model: str) -> Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSetup:
-    """The optimizer of a run and the schedules it follows, for logging."""
+    """The optimizer of a run and the schedules it follows, for logging.
+
+    Attributes:
+      optimizer: the transformation.
+      learning_rate: the Adam-phase (or base) rate per optimizer count.
+      sgd_scale: the SGD-phase rate scale per optimizer count (1 outside SWATS).
+      switches: it switches from Adam to SGD (SWATS): the run has switch tables and tests.
+    """
 
     optimizer: optax.GradientTransformation
     learning_rate: Callable[[int], Any]
     sgd_scale: Callable[[int], Any]
+    switches: bool = False
 
 
 def _from_epochs(steps_per_epoch: int, value: float, changes: Mapping[int, float]):
@@ -323,8 +331,10 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> OptimizerSetup:
     match config.opt:
         case "swats_local":
             optimizer = swats_jax.swats_local(learning_rate=lr, sgd_scale=scale)
+            return OptimizerSetup(optimizer, lr, scale, switches=True)
         case "swats_global":
             optimizer = swats_jax.swats_global(learning_rate=lr, sgd_scale=scale, momentum=momentum)
+            return OptimizerSetup(optimizer, lr, scale, switches=True)
         case "adabound":
             optimizer = swats_jax.adabound(learning_rate=lr, final_lr=0.1, base_lr=lr_value)
         case "adam":

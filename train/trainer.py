@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from train import data as data_lib
 from train import metrics as metrics_lib
 from train import models
 from train.checkpoint import Checkpointer
-from train.config import MAY_CHANGE_ON_RESUME, Config, make_optimizer
+from train.config import MAY_CHANGE_ON_RESUME, Config, OptimizerSetup, make_optimizer
 from train.metrics import MetricsError as MetricsError  # re-exported: train.cifar catches it
 
 log = logging.getLogger(__name__)
@@ -426,208 +427,347 @@ def train_and_evaluate(
         raise
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the loop of a run needs, set up once by :func:`_set_up`."""
+
+    config: Config
+    workdir: Path
+    setup: OptimizerSetup
+    train_chunk: Callable[..., Any]
+    evaluate: Callable[..., jax.Array]
+    put: Callable[[Any], Any]  # places host arrays, replicated over every device
+    train_data: dict[str, jax.Array]
+    eval_data: tuple[jax.Array, ...]
+    shuffle_key: jax.Array
+    aug_key: jax.Array
+    num_train: int
+    num_test: int
+    full_batches: int
+    remainder: int  # the images of the partial last batch of an epoch; 0: none
+    chunk_steps: int
+
+    @property
+    def primary(self) -> bool:
+        """Whether this is process 0, which writes the run's files (all processes save and
+        restore the checkpoints together, as Orbax expects)."""
+        return jax.process_index() == 0
+
+    @property
+    def multiprocess(self) -> bool:
+        return jax.process_count() > 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.full_batches + (1 if self.remainder else 0)
+
+    def epoch_steps(self, step: int) -> int:
+        """The steps of the epoch that starts after ``step`` steps: fewer under
+        ``max_steps``, 0 once it is reached."""
+        if self.config.max_steps is None:
+            return self.steps_per_epoch
+        return max(0, min(self.steps_per_epoch, self.config.max_steps - step))
+
+    def chunks(self, epoch: int, epoch_steps: int) -> Iterator[np.ndarray]:
+        """The batch indices of the first ``epoch_steps`` steps of ``epoch``, one
+        [steps, batch] array per dispatch: full batches in chunks of ``chunk_steps``, the
+        partial batch alone."""
+        key = jax.random.fold_in(self.shuffle_key, epoch)
+        permutation = np.asarray(jax.random.permutation(key, self.num_train))
+        batch = self.config.batch_size
+        done = 0
+        while done < epoch_steps:
+            if done < self.full_batches:
+                size = min(self.chunk_steps, self.full_batches - done, epoch_steps - done)
+                yield permutation[done * batch : (done + size) * batch].reshape(size, batch)
+            else:
+                size = 1
+                yield permutation[self.full_batches * batch :][: self.remainder][None]
+            done += size
+
+
 def _train_and_evaluate(
     config: Config, workdir: Path, dataset: data_lib.Dataset | None
 ) -> list[dict[str, Any]]:
-    # With several processes (jax.distributed), process 0 writes the run's files; all
-    # processes save and restore the checkpoints together, as Orbax expects.
-    primary = jax.process_index() == 0
-    multiprocess = jax.process_count() > 1
     _check_config(workdir, config)
     if dataset is None:
-        log.info("loading the data (%s)", config.data)
-        start = time.perf_counter()
-        dataset = data_lib.load_cifar10(
-            config.data,
-            cache_dir=config.cache_dir,
-            synthetic_size=config.synthetic_size,
-            seed=config.seed,
-        )
-        log.info(
-            "loaded %d training and %d test images in %.1f s",
-            len(dataset.train_labels),
-            len(dataset.test_labels),
-            time.perf_counter() - start,
-        )
-    if primary:
+        dataset = _load_data(config)
+    if jax.process_index() == 0:
         _write_config(workdir, config)  # only once the data loaded: a typo must not pin the run
-
-    devices = _devices(config)
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
-    if config.batch_size % len(devices):
-        raise SetupError(
-            f"batch_size {config.batch_size} is not divisible by the {len(devices)} devices"
-        )
-
-    chunk_steps = config.chunk_steps or (1 if devices[0].platform == "cpu" else 100)
-    num_train = len(dataset.train_labels)
-    full_batches, remainder = divmod(num_train, config.batch_size)
-    if remainder % len(devices):
-        log.warning("dropping the last partial batch (%d images) of every epoch", remainder)
-        remainder = 0
-    steps_per_epoch = full_batches + (1 if remainder else 0)
-    if steps_per_epoch == 0:
-        raise SetupError(f"{num_train} training images are fewer than one batch")
-
-    model, params, stats = init_model(config, dataset.num_classes)
-    setup = make_optimizer(config, steps_per_epoch)
-    opt_state = setup.optimizer.init(params)
-    train_chunk, evaluate = _make_steps(model, setup.optimizer, batch_sharding)
-
-    put = functools.partial(jax.device_put, device=replicated)
-    train_data = put({"images": dataset.train_images, "labels": dataset.train_labels})
-    eval_data = put(
-        _eval_batches(
-            dataset.test_images, dataset.test_labels, config.eval_batch_size, len(devices)
-        )
-    )
-    shuffle_key, aug_key = jax.random.split(jax.random.key(config.seed + 1))
-
-    # Placed (replicated over every device of every process) before restoring, so that
-    # Orbax restores into the same global arrays the training step uses.
-    state = put({"params": params, "batch_stats": stats, "opt_state": opt_state})
-    metrics = metrics_lib.MetricsLog(workdir) if primary else _NoMetrics()
-    start_epoch = 0
+    run, state = _set_up(config, workdir, dataset)
+    metrics = metrics_lib.MetricsLog(workdir) if run.primary else _NoMetrics()
     interrupt = _InterruptFlag()
+    compiled: set[tuple[int, ...]] = set()  # the shapes of the chunks compiled so far
     with (
         Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints) as checkpointer,
         interrupt.installed(),
     ):
-        restored = checkpointer.restore_latest(state)
-        if restored is not None:
-            start_epoch, state = restored
-            log.info("resumed from the checkpoint of epoch %d in %s", start_epoch, workdir)
-        partial = [r["epoch"] for r in metrics.records() if not r["complete"]]
-        if partial and partial[-1] > start_epoch:
-            log.info(
-                "epoch %d stopped part-way last time (--max-steps) and starts again", partial[-1]
-            )
-        metrics.keep_epochs_up_to(start_epoch)
-        if primary:
-            metrics_lib.keep_rates_up_to(workdir, start_epoch)
-        carry = (state["params"], state["batch_stats"], state["opt_state"])
-        step = start_epoch * steps_per_epoch
-        saved_epoch = start_epoch
-        compiled = False
-
+        start_epoch, carry = _resume(run, checkpointer, metrics, state)
+        step, saved_epoch = start_epoch * run.steps_per_epoch, start_epoch
         for epoch in range(start_epoch + 1, config.epochs + 1):
-            if config.max_steps is not None and step >= config.max_steps:
+            epoch_steps = run.epoch_steps(step)
+            if epoch_steps == 0:
                 break
-            epoch_steps = steps_per_epoch
-            if config.max_steps is not None:
-                epoch_steps = min(epoch_steps, config.max_steps - step)
-            start_time = time.perf_counter()
-            permutation = np.asarray(
-                jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), num_train)
+            carry, totals, train_time = _train_epoch(
+                run, carry, epoch, step, epoch_steps, interrupt, saved_epoch, compiled
             )
-            # Loss, correct and image counts of the epoch; a fresh buffer, as chunks donate it.
-            carry = carry[:3] + (put(np.zeros(3, np.float32)),)
-            interval_s = math.inf if multiprocess else 60.0
-            with _EpochProgress(epoch, epoch_steps, step, interval_s=interval_s) as progress:
-                done = 0
-                stop = interrupt.requested and not multiprocess
-                while done < epoch_steps:
-                    if stop:
-                        raise TrainingInterrupted(
-                            f"interrupted at epoch {epoch} step {step + done}; run the same "
-                            f"command to resume from epoch {saved_epoch + 1}"
-                        )
-                    # Full batches go through chunks of `chunk_steps`; the partial batch alone.
-                    if done < full_batches:
-                        size = min(chunk_steps, full_batches - done, epoch_steps - done)
-                        batch = config.batch_size
-                        idx = permutation[done * batch : (done + size) * batch]
-                        idx = idx.reshape(size, batch)
-                    else:
-                        size = 1
-                        idx = permutation[full_batches * config.batch_size :][:remainder][None]
-                    steps = np.arange(step + done, step + done + size, dtype=np.int32)
-                    if not compiled:
-                        log.info("compiling the training step")
-                        compile_start = time.perf_counter()
-                    carry = train_chunk(carry, put(idx), put(steps), train_data, aug_key)
-                    if not compiled:
-                        jax.block_until_ready(carry)
-                        log.info(
-                            "compiled and ran the first training step(s) in %.1f s",
-                            time.perf_counter() - compile_start,
-                        )
-                        compiled = True
-                    done += size
-                    checked = progress.update(size, done, carry[3], carry[2])
-                    # With several processes, all stop on the same step: they agree on
-                    # Ctrl-C at the progress checks, which every process makes on the same steps.
-                    if not multiprocess:
-                        stop = interrupt.requested
-                    elif checked:
-                        stop = _any_process(interrupt.requested)
             step += epoch_steps
-            params, stats, opt_state, train_totals = carry
-            train_loss, train_correct, train_count = np.asarray(train_totals)
-            train_time = time.perf_counter() - start_time
-            _check_finite(float(train_loss / train_count), epoch, step)
-            log.info("evaluating on %d test images", len(dataset.test_labels))
-            eval_start = time.perf_counter()
-            test_loss, test_correct = np.asarray(evaluate(params, stats, *eval_data))
-            eval_time = time.perf_counter() - eval_start
-            num_test = len(dataset.test_labels)
-            complete = epoch_steps == steps_per_epoch
-            # One host transfer for every switch test (none without SWATS); it also counts
-            # the switched arrays.
-            switch_tests = swats_jax.switch_diagnostics(opt_state)
-            record = {
-                "epoch": epoch,
-                "step": step,
-                "train_loss": float(train_loss / train_count),
-                "train_accuracy": float(train_correct / train_count),
-                "test_loss": float(test_loss / num_test),
-                "test_accuracy": float(test_correct / num_test),
-                "learning_rate": _rounded(setup.learning_rate(step - 1)),
-                "sgd_scale": _rounded(setup.sgd_scale(step - 1)),
-                "num_switched": sum(test.phase == "sgd" for test in switch_tests),
-                "epoch_time_s": round(train_time, 3),
-                "images_per_s": round(float(train_count) / train_time, 1),
-                "complete": complete,
-            }
-            if multiprocess:
-                _check_replicas_agree(params, epoch)
-            metrics.append(record)
-            if primary and config.opt.startswith("swats"):
-                metrics_lib.write_switch_table(workdir, swats_jax.switch_events(opt_state))
-                metrics_lib.append_rates(workdir, epoch, switch_tests)
-            if complete:
-                checkpointer.save(
-                    epoch, {"params": params, "batch_stats": stats, "opt_state": opt_state}
-                )
-                saved_epoch = epoch
-            log.info(
-                "epoch %d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %.0f images/s, "
-                "%d arrays switched%s, evaluated in %.1f s",
-                epoch,
-                record["train_loss"],
-                record["train_accuracy"],
-                record["test_loss"],
-                record["test_accuracy"],
-                record["images_per_s"],
-                record["num_switched"],
-                _adam_gap_summary(switch_tests),
-                eval_time,
+            record, switch_tests, eval_time = _evaluate_epoch(
+                run, carry, epoch, step, epoch_steps, totals, train_time
             )
-            if not complete:
-                log.warning(
-                    "stopped by --max-steps at step %d, inside epoch %d: a partial epoch is "
-                    "not checkpointed, so the same command restarts epoch %d from %s",
-                    step,
-                    epoch,
-                    epoch,
-                    f"the checkpoint of epoch {saved_epoch}" if saved_epoch else "scratch",
-                )
+            if _end_epoch(run, checkpointer, metrics, carry, record, switch_tests):
+                saved_epoch = epoch
+            _log_epoch(record, switch_tests, eval_time, saved_epoch)
     records = metrics.records()
-    if primary:
+    if run.primary:
         _plot(workdir)
     return records
+
+
+def _load_data(config: Config) -> data_lib.Dataset:
+    log.info("loading the data (%s)", config.data)
+    start = time.perf_counter()
+    dataset = data_lib.load_cifar10(
+        config.data,
+        cache_dir=config.cache_dir,
+        synthetic_size=config.synthetic_size,
+        seed=config.seed,
+    )
+    log.info(
+        "loaded %d training and %d test images in %.1f s",
+        len(dataset.train_labels),
+        len(dataset.test_labels),
+        time.perf_counter() - start,
+    )
+    return dataset
+
+
+def _set_up(config: Config, workdir: Path, dataset: data_lib.Dataset) -> tuple[_Run, dict]:
+    """The mesh, the model, the optimizer, the jitted steps and the data on the devices;
+    returns the run and its initial state (params, batch stats and optimizer state)."""
+    devices = _devices(config)
+    if config.batch_size % len(devices):
+        raise SetupError(
+            f"batch_size {config.batch_size} is not divisible by the {len(devices)} devices"
+        )
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    put = functools.partial(jax.device_put, device=NamedSharding(mesh, P()))
+    num_train = len(dataset.train_labels)
+    full_batches, remainder = _epoch_batches(config.batch_size, num_train, len(devices))
+    model, params, stats = init_model(config, dataset.num_classes)
+    setup = make_optimizer(config, full_batches + (1 if remainder else 0))
+    train_chunk, evaluate = _make_steps(model, setup.optimizer, NamedSharding(mesh, P("data")))
+    test = (dataset.test_images, dataset.test_labels, config.eval_batch_size, len(devices))
+    shuffle_key, aug_key = jax.random.split(jax.random.key(config.seed + 1))
+    run = _Run(
+        config=config,
+        workdir=workdir,
+        setup=setup,
+        train_chunk=train_chunk,
+        evaluate=evaluate,
+        put=put,
+        train_data=put({"images": dataset.train_images, "labels": dataset.train_labels}),
+        eval_data=put(_eval_batches(*test)),
+        shuffle_key=shuffle_key,
+        aug_key=aug_key,
+        num_train=num_train,
+        num_test=len(dataset.test_labels),
+        full_batches=full_batches,
+        remainder=remainder,
+        chunk_steps=config.chunk_steps or (1 if devices[0].platform == "cpu" else 100),
+    )
+    # Placed (replicated over every device of every process) before restoring, so that
+    # Orbax restores into the same global arrays the training step uses.
+    opt_state = setup.optimizer.init(params)
+    return run, put({"params": params, "batch_stats": stats, "opt_state": opt_state})
+
+
+def _epoch_batches(batch_size: int, num_train: int, num_devices: int) -> tuple[int, int]:
+    """The full batches of an epoch and the images of its partial last batch (0 when the
+    device count does not divide them: that batch is dropped)."""
+    full_batches, remainder = divmod(num_train, batch_size)
+    if remainder % num_devices:
+        log.warning("dropping the last partial batch (%d images) of every epoch", remainder)
+        remainder = 0
+    if full_batches == 0 and remainder == 0:
+        raise SetupError(f"{num_train} training images are fewer than one batch")
+    return full_batches, remainder
+
+
+def _resume(
+    run: _Run, checkpointer: Checkpointer, metrics: Any, state: dict
+) -> tuple[int, tuple[Any, ...]]:
+    """Restores the latest checkpoint into ``state`` and drops the records written after it;
+    returns its epoch (0 without one) and the loop's carry (params, stats, opt state)."""
+    start_epoch = 0
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        start_epoch, state = restored
+        log.info("resumed from the checkpoint of epoch %d in %s", start_epoch, run.workdir)
+    partial = [r["epoch"] for r in metrics.records() if not r["complete"]]
+    if partial and partial[-1] > start_epoch:
+        log.info("epoch %d stopped part-way last time (--max-steps) and starts again", partial[-1])
+    metrics.keep_epochs_up_to(start_epoch)
+    if run.primary:
+        metrics_lib.keep_rates_up_to(run.workdir, start_epoch)
+    return start_epoch, (state["params"], state["batch_stats"], state["opt_state"])
+
+
+def _train_epoch(
+    run: _Run,
+    carry: tuple[Any, ...],
+    epoch: int,
+    first_step: int,
+    epoch_steps: int,
+    interrupt: _InterruptFlag,
+    saved_epoch: int,
+    compiled: set[tuple[int, ...]],
+) -> tuple[tuple[Any, ...], np.ndarray, float]:
+    """Runs the training steps of ``epoch``, chunk by chunk, with its progress display;
+    stops at a chunk boundary on Ctrl-C. Returns the carry, the epoch's loss, correct and
+    image counts (on the host) and its time."""
+    start_time = time.perf_counter()
+    # Loss, correct and image counts of the epoch; a fresh buffer, as chunks donate it.
+    carry = carry[:3] + (run.put(np.zeros(3, np.float32)),)
+    interval_s = math.inf if run.multiprocess else 60.0
+    with _EpochProgress(epoch, epoch_steps, first_step, interval_s=interval_s) as progress:
+        done = 0
+        stop = interrupt.requested and not run.multiprocess
+        for indices in run.chunks(epoch, epoch_steps):
+            if stop:
+                raise TrainingInterrupted(
+                    f"interrupted at epoch {epoch} step {first_step + done}; run the same "
+                    f"command to resume from epoch {saved_epoch + 1}"
+                )
+            steps = np.arange(first_step + done, first_step + done + len(indices), dtype=np.int32)
+            carry = _run_chunk(run, carry, indices, steps, compiled)
+            done += len(indices)
+            checked = progress.update(len(indices), done, carry[3], carry[2])
+            # With several processes, all stop on the same step: they agree on Ctrl-C at
+            # the progress checks, which every process makes on the same steps.
+            if not run.multiprocess:
+                stop = interrupt.requested
+            elif checked:
+                stop = _any_process(interrupt.requested)
+    totals = np.asarray(carry[3])
+    train_time = time.perf_counter() - start_time
+    _check_finite(float(totals[0] / totals[2]), epoch, first_step + epoch_steps)
+    return carry, totals, train_time
+
+
+def _run_chunk(
+    run: _Run,
+    carry: tuple[Any, ...],
+    indices: np.ndarray,
+    steps: np.ndarray,
+    compiled: set[tuple[int, ...]],
+) -> tuple[Any, ...]:
+    """One dispatch of the training steps of ``indices``; logs the first compilation."""
+    first = not compiled
+    if first:
+        log.info("compiling the training step")
+        compile_start = time.perf_counter()
+    carry = run.train_chunk(carry, run.put(indices), run.put(steps), run.train_data, run.aug_key)
+    if first:
+        jax.block_until_ready(carry)
+        log.info(
+            "compiled and ran the first training step(s) in %.1f s",
+            time.perf_counter() - compile_start,
+        )
+    compiled.add(indices.shape)
+    return carry
+
+
+def _evaluate_epoch(
+    run: _Run,
+    carry: tuple[Any, ...],
+    epoch: int,
+    step: int,
+    epoch_steps: int,
+    totals: np.ndarray,
+    train_time: float,
+) -> tuple[dict[str, Any], list[swats_jax.SwitchDiagnostic], float]:
+    """Evaluates on the test set; returns the epoch's metrics record, the switch tests of
+    a SWATS run (none otherwise) and the evaluation time."""
+    params, stats, opt_state, _ = carry
+    log.info("evaluating on %d test images", run.num_test)
+    eval_start = time.perf_counter()
+    test_loss, test_correct = np.asarray(run.evaluate(params, stats, *run.eval_data))
+    eval_time = time.perf_counter() - eval_start
+    # One host transfer for every switch test (none without SWATS); it also counts the
+    # switched arrays.
+    switch_tests = swats_jax.switch_diagnostics(opt_state)
+    train_loss, train_correct, train_count = totals
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": float(train_loss / train_count),
+        "train_accuracy": float(train_correct / train_count),
+        "test_loss": float(test_loss / run.num_test),
+        "test_accuracy": float(test_correct / run.num_test),
+        "learning_rate": _rounded(run.setup.learning_rate(step - 1)),
+        "sgd_scale": _rounded(run.setup.sgd_scale(step - 1)),
+        "num_switched": sum(test.phase == "sgd" for test in switch_tests),
+        "epoch_time_s": round(train_time, 3),
+        "images_per_s": round(float(train_count) / train_time, 1),
+        "complete": epoch_steps == run.steps_per_epoch,
+    }
+    return record, switch_tests, eval_time
+
+
+def _end_epoch(
+    run: _Run,
+    checkpointer: Checkpointer,
+    metrics: Any,
+    carry: tuple[Any, ...],
+    record: dict[str, Any],
+    switch_tests: list[swats_jax.SwitchDiagnostic],
+) -> bool:
+    """Writes what an epoch leaves: its metrics record, the switch table and tests of a
+    SWATS run and, for a complete epoch, its checkpoint. Returns whether it saved one."""
+    params, stats, opt_state, _ = carry
+    epoch = record["epoch"]
+    if run.multiprocess:
+        _check_replicas_agree(params, epoch)
+    metrics.append(record)
+    if run.primary and run.setup.switches:
+        metrics_lib.write_switch_table(run.workdir, swats_jax.switch_events(opt_state))
+        metrics_lib.append_rates(run.workdir, epoch, switch_tests)
+    if not record["complete"]:
+        return False
+    checkpointer.save(epoch, {"params": params, "batch_stats": stats, "opt_state": opt_state})
+    return True
+
+
+def _log_epoch(
+    record: dict[str, Any],
+    switch_tests: list[swats_jax.SwitchDiagnostic],
+    eval_time: float,
+    saved_epoch: int,
+) -> None:
+    log.info(
+        "epoch %d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %.0f images/s, "
+        "%d arrays switched%s, evaluated in %.1f s",
+        record["epoch"],
+        record["train_loss"],
+        record["train_accuracy"],
+        record["test_loss"],
+        record["test_accuracy"],
+        record["images_per_s"],
+        record["num_switched"],
+        _adam_gap_summary(switch_tests),
+        eval_time,
+    )
+    if not record["complete"]:
+        epoch = record["epoch"]
+        log.warning(
+            "stopped by --max-steps at step %d, inside epoch %d: a partial epoch is not "
+            "checkpointed, so the same command restarts epoch %d from %s",
+            record["step"],
+            epoch,
+            epoch,
+            f"the checkpoint of epoch {saved_epoch}" if saved_epoch else "scratch",
+        )
 
 
 def _adam_gap_summary(tests: list[swats_jax.SwitchDiagnostic]) -> str:
