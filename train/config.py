@@ -120,6 +120,12 @@ class Config:
         "numbers of train and test images of the 'synthetic' data",
         metavar=("TRAIN", "TEST"),
     )
+    max_train_loss: float | None = _option(
+        None,
+        "stop the run (exit 3, nothing saved) once the running training loss exceeds this: "
+        "it diverged; unset: 1000 x ln(number of classes), 2303 on CIFAR-10; 0: never",
+        may_change_on_resume=True,
+    )
     num_devices: int | None = _option(
         None,
         "data parallel over the first NUM_DEVICES local devices; unset: all",
@@ -153,6 +159,8 @@ class Config:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_train_loss is not None and self.max_train_loss < 0:
+            raise ValueError(f"max_train_loss must be >= 0, got {self.max_train_loss}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import swats_jax
 from train import data as data_lib
@@ -70,6 +71,11 @@ class ReplicaMismatchError(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped without saving that state."""
+
+
+class DivergedError(NonFiniteLossError):
+    """The training loss rose above ``Config.max_train_loss``: the run diverged, and stopped
+    as on a non-finite loss, without saving that state."""
 
 
 class TrainingInterrupted(Exception):
@@ -223,24 +229,58 @@ def _write_config(workdir: Path, config: Config) -> None:
     path.write_text(json.dumps({**config.to_json(), "workdir": str(workdir)}, indent=2) + "\n")
 
 
+@dataclasses.dataclass
+class _EpochTime:
+    """Where an epoch's time went: the chunks that compiled a program (their time and
+    images) apart, so that images/s counts the steps alone."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    compile_s: float = 0.0
+    compile_images: int = 0
+
+    def images_per_s(self, images: float) -> float | None:
+        """The rate of the ``images`` trained so far, the compiling chunks excluded; call
+        it once they are done. None when only compiling chunks ran."""
+        timed = images - self.compile_images
+        elapsed = time.perf_counter() - self.start - self.compile_s
+        return timed / elapsed if timed > 0 and elapsed > 0 else None
+
+
+def _rate(images_per_s: float | None) -> str:
+    return "?" if images_per_s is None else f"{images_per_s:.0f}"
+
+
 class _EpochProgress:
-    """An epoch's progress: a bar in a terminal, log lines otherwise.
+    """An epoch's progress: a bar in a terminal that can show one, log lines otherwise.
 
     About every 10% of the epoch, and at least every ``interval_s`` seconds, it reads the
-    running loss (a host transfer) and stops the run if it is not finite. Without a terminal
-    it then logs the step, the loss, images/s and the number of switched arrays. With several
-    processes, pass ``interval_s=math.inf``: every process then checks on the same steps, so
-    that all stop together.
+    running loss (a host transfer, which waits for the steps so far) and stops the run if
+    it is not finite or above ``max_loss``. Without a bar it then logs the step, the loss,
+    images/s and the number of switched arrays. With several processes, pass
+    ``interval_s=math.inf``: every process then checks on the same steps, so that all stop
+    together. While the bar shows, log lines are written above it, never onto its line.
     """
 
-    def __init__(self, epoch: int, total: int, first_step: int, *, interval_s: float = 60.0):
+    def __init__(
+        self,
+        epoch: int,
+        total: int,
+        first_step: int,
+        timing: _EpochTime,
+        *,
+        max_loss: float = math.inf,
+        interval_s: float = 60.0,
+    ):
         self.epoch, self.total, self.first_step = epoch, total, first_step
+        self.timing, self.max_loss = timing, max_loss
         self.every = max(1, math.ceil(total / 10))
         self.next_report = self.every
         self.interval_s = interval_s
-        self.start = self.last_report = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
+        self.last_report = time.perf_counter()
+        self.bar = self._redirect = None
+        if _terminal_shows_a_bar():
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
             self.bar = tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=True)
 
     def update(self, size: int, done: int, totals: jax.Array, opt_state: Any) -> bool:
@@ -254,17 +294,17 @@ class _EpochProgress:
         self.last_report = now
         loss_sum, _, count = np.asarray(totals)
         loss = float(loss_sum / count)
-        _check_finite(loss, self.epoch, self.first_step + done)
+        _check_loss(loss, self.max_loss, self.epoch, self.first_step + done)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         elif done < self.total:  # the epoch's own line reports its end
             log.info(
-                "epoch %d: step %d/%d, train loss %.4f, %.0f images/s, %d arrays switched",
+                "epoch %d: step %d/%d, train loss %.4f, %s images/s, %d arrays switched",
                 self.epoch,
                 done,
                 self.total,
                 loss,
-                count / (now - self.start),
+                _rate(self.timing.images_per_s(count)),
                 swats_jax.num_switched(opt_state),
             )
         return True
@@ -275,13 +315,31 @@ class _EpochProgress:
     def __exit__(self, *exc_info: Any) -> None:
         if self.bar is not None:
             self.bar.close()
+            self._redirect.__exit__(*exc_info)
 
 
-def _check_finite(loss: float, epoch: int, step: int) -> None:
+def _terminal_shows_a_bar() -> bool:
+    """Whether stderr is a terminal wide enough for a progress bar. Some report no size
+    (0 columns under ``script``, on some CI runners): a bar would print nothing there."""
+    if not sys.stderr.isatty():
+        return False
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns >= 40
+    except (OSError, ValueError):  # no file descriptor, or not a terminal after all
+        return False
+
+
+def _check_loss(loss: float, max_loss: float, epoch: int, step: int) -> None:
     if not math.isfinite(loss):
         raise NonFiniteLossError(
             f"the training loss became {loss} by step {step} (epoch {epoch}); stopped without "
             "saving this state: lower --lr, or check the data"
+        )
+    if loss > max_loss:
+        raise DivergedError(
+            f"the training loss reached {loss:.4g} by step {step} (epoch {epoch}), above "
+            f"--max-train-loss {max_loss:.4g}: the run diverged; stopped without saving this "
+            "state: lower --lr, or check the data"
         )
 
 
@@ -446,6 +504,7 @@ class _Run:
     full_batches: int
     remainder: int  # the images of the partial last batch of an epoch; 0: none
     chunk_steps: int
+    max_loss: float  # a training loss above it stops the run (math.inf: never)
 
     @property
     def primary(self) -> bool:
@@ -458,6 +517,11 @@ class _Run:
         return jax.process_count() > 1
 
     @property
+    def inputs(self) -> tuple[dict[str, jax.Array], jax.Array]:
+        """The training step's arguments after the chunk's indices and steps."""
+        return self.train_data, self.aug_key
+
+    @property
     def steps_per_epoch(self) -> int:
         return self.full_batches + (1 if self.remainder else 0)
 
@@ -468,22 +532,24 @@ class _Run:
             return self.steps_per_epoch
         return max(0, min(self.steps_per_epoch, self.config.max_steps - step))
 
-    def chunks(self, epoch: int, epoch_steps: int) -> Iterator[np.ndarray]:
+    def chunks(self, epoch: int, epoch_steps: int) -> list[np.ndarray]:
         """The batch indices of the first ``epoch_steps`` steps of ``epoch``, one
         [steps, batch] array per dispatch: full batches in chunks of ``chunk_steps``, the
         partial batch alone."""
         key = jax.random.fold_in(self.shuffle_key, epoch)
         permutation = np.asarray(jax.random.permutation(key, self.num_train))
         batch = self.config.batch_size
-        done = 0
+        chunks, done = [], 0
         while done < epoch_steps:
             if done < self.full_batches:
                 size = min(self.chunk_steps, self.full_batches - done, epoch_steps - done)
-                yield permutation[done * batch : (done + size) * batch].reshape(size, batch)
+                chunks.append(permutation[done * batch : (done + size) * batch])
+                chunks[-1] = chunks[-1].reshape(size, batch)
             else:
                 size = 1
-                yield permutation[self.full_batches * batch :][: self.remainder][None]
+                chunks.append(permutation[self.full_batches * batch :][: self.remainder][None])
             done += size
+        return chunks
 
 
 def _train_and_evaluate(
@@ -508,12 +574,12 @@ def _train_and_evaluate(
             epoch_steps = run.epoch_steps(step)
             if epoch_steps == 0:
                 break
-            carry, totals, train_time = _train_epoch(
+            carry, totals, timing = _train_epoch(
                 run, carry, epoch, step, epoch_steps, interrupt, saved_epoch, compiled
             )
             step += epoch_steps
             record, switch_tests, eval_time = _evaluate_epoch(
-                run, carry, epoch, step, epoch_steps, totals, train_time
+                run, carry, epoch, step, epoch_steps, totals, timing
             )
             if _end_epoch(run, checkpointer, metrics, carry, record, switch_tests):
                 saved_epoch = epoch
@@ -554,8 +620,19 @@ def _set_up(config: Config, workdir: Path, dataset: data_lib.Dataset) -> tuple[_
     put = functools.partial(jax.device_put, device=NamedSharding(mesh, P()))
     num_train = len(dataset.train_labels)
     full_batches, remainder = _epoch_batches(config.batch_size, num_train, len(devices))
+    log.info("setting up %s and %s", config.model, config.opt)
+    start = time.perf_counter()
     model, params, stats = init_model(config, dataset.num_classes)
     setup = make_optimizer(config, full_batches + (1 if remainder else 0))
+    opt_state = setup.optimizer.init(params)
+    log.info(
+        "set up %s (%s parameters in %d arrays) and %s in %.1f s",
+        config.model,
+        f"{sum(leaf.size for leaf in jax.tree.leaves(params)):,}",
+        len(jax.tree.leaves(params)),
+        config.opt,
+        time.perf_counter() - start,
+    )
     train_chunk, evaluate = _make_steps(model, setup.optimizer, NamedSharding(mesh, P("data")))
     test = (dataset.test_images, dataset.test_labels, config.eval_batch_size, len(devices))
     shuffle_key, aug_key = jax.random.split(jax.random.key(config.seed + 1))
@@ -575,11 +652,19 @@ def _set_up(config: Config, workdir: Path, dataset: data_lib.Dataset) -> tuple[_
         full_batches=full_batches,
         remainder=remainder,
         chunk_steps=config.chunk_steps or (1 if devices[0].platform == "cpu" else 100),
+        max_loss=_max_loss(config.max_train_loss, dataset.num_classes),
     )
     # Placed (replicated over every device of every process) before restoring, so that
     # Orbax restores into the same global arrays the training step uses.
-    opt_state = setup.optimizer.init(params)
     return run, put({"params": params, "batch_stats": stats, "opt_state": opt_state})
+
+
+def _max_loss(max_train_loss: float | None, num_classes: int) -> float:
+    """The divergence bound: by default 1000 times the loss of a uniform prediction, far
+    above any loss of a run that learns (0: no bound)."""
+    if max_train_loss is None:
+        return 1000 * math.log(num_classes)
+    return max_train_loss or math.inf
 
 
 def _epoch_batches(batch_size: int, num_train: int, num_devices: int) -> tuple[int, int]:
@@ -622,25 +707,29 @@ def _train_epoch(
     interrupt: _InterruptFlag,
     saved_epoch: int,
     compiled: set[tuple[int, ...]],
-) -> tuple[tuple[Any, ...], np.ndarray, float]:
+) -> tuple[tuple[Any, ...], np.ndarray, _EpochTime]:
     """Runs the training steps of ``epoch``, chunk by chunk, with its progress display;
     stops at a chunk boundary on Ctrl-C. Returns the carry, the epoch's loss, correct and
-    image counts (on the host) and its time."""
-    start_time = time.perf_counter()
+    image counts (on the host) and where its time went."""
     # Loss, correct and image counts of the epoch; a fresh buffer, as chunks donate it.
     carry = carry[:3] + (run.put(np.zeros(3, np.float32)),)
+    chunks = run.chunks(epoch, epoch_steps)
+    timing = _EpochTime()
     interval_s = math.inf if run.multiprocess else 60.0
-    with _EpochProgress(epoch, epoch_steps, first_step, interval_s=interval_s) as progress:
+    progress = _EpochProgress(
+        epoch, epoch_steps, first_step, timing, max_loss=run.max_loss, interval_s=interval_s
+    )
+    with progress:
         done = 0
         stop = interrupt.requested and not run.multiprocess
-        for indices in run.chunks(epoch, epoch_steps):
+        for indices in chunks:
             if stop:
                 raise TrainingInterrupted(
                     f"interrupted at epoch {epoch} step {first_step + done}; run the same "
                     f"command to resume from epoch {saved_epoch + 1}"
                 )
             steps = np.arange(first_step + done, first_step + done + len(indices), dtype=np.int32)
-            carry = _run_chunk(run, carry, indices, steps, compiled)
+            carry = _run_chunk(run, carry, indices, steps, compiled, timing)
             done += len(indices)
             checked = progress.update(len(indices), done, carry[3], carry[2])
             # With several processes, all stop on the same step: they agree on Ctrl-C at
@@ -650,9 +739,8 @@ def _train_epoch(
             elif checked:
                 stop = _any_process(interrupt.requested)
     totals = np.asarray(carry[3])
-    train_time = time.perf_counter() - start_time
-    _check_finite(float(totals[0] / totals[2]), epoch, first_step + epoch_steps)
-    return carry, totals, train_time
+    _check_loss(float(totals[0] / totals[2]), run.max_loss, epoch, first_step + epoch_steps)
+    return carry, totals, timing
 
 
 def _run_chunk(
@@ -661,20 +749,29 @@ def _run_chunk(
     indices: np.ndarray,
     steps: np.ndarray,
     compiled: set[tuple[int, ...]],
+    timing: _EpochTime,
 ) -> tuple[Any, ...]:
-    """One dispatch of the training steps of ``indices``; logs the first compilation."""
-    first = not compiled
-    if first:
+    """One dispatch of the training steps of ``indices``. A chunk of a shape not seen yet
+    compiles a program: it runs alone (the steps before it finished), with a log line and
+    its time, which ``timing`` keeps apart from the steps'."""
+    if indices.shape in compiled:
+        return run.train_chunk(carry, run.put(indices), run.put(steps), *run.inputs)
+    jax.block_until_ready(carry)
+    if not compiled:
         log.info("compiling the training step")
-        compile_start = time.perf_counter()
-    carry = run.train_chunk(carry, run.put(indices), run.put(steps), run.train_data, run.aug_key)
-    if first:
-        jax.block_until_ready(carry)
-        log.info(
-            "compiled and ran the first training step(s) in %.1f s",
-            time.perf_counter() - compile_start,
-        )
+    elif indices.shape[1] < run.config.batch_size:
+        log.info("compiling the training step of the last, partial batch (%d images)", indices.size)
+    else:
+        log.info("compiling the training step for chunks of %d steps", len(indices))
+    start = time.perf_counter()
+    carry = run.train_chunk(carry, run.put(indices), run.put(steps), *run.inputs)
+    jax.block_until_ready(carry)
+    elapsed = time.perf_counter() - start
+    what = "the first training step(s)" if not compiled else "it"
+    log.info("compiled and ran %s in %.1f s", what, elapsed)
     compiled.add(indices.shape)
+    timing.compile_s += elapsed
+    timing.compile_images += indices.size
     return carry
 
 
@@ -685,19 +782,21 @@ def _evaluate_epoch(
     step: int,
     epoch_steps: int,
     totals: np.ndarray,
-    train_time: float,
+    timing: _EpochTime,
 ) -> tuple[dict[str, Any], list[swats_jax.SwitchDiagnostic], float]:
     """Evaluates on the test set; returns the epoch's metrics record, the switch tests of
     a SWATS run (none otherwise) and the evaluation time."""
     params, stats, opt_state, _ = carry
+    train_loss, train_correct, train_count = totals
+    images_per_s = timing.images_per_s(train_count)
+    train_time = time.perf_counter() - timing.start
     log.info("evaluating on %d test images", run.num_test)
     eval_start = time.perf_counter()
     test_loss, test_correct = np.asarray(run.evaluate(params, stats, *run.eval_data))
     eval_time = time.perf_counter() - eval_start
     # One host transfer for every switch test (none without SWATS); it also counts the
     # switched arrays.
-    switch_tests = swats_jax.switch_diagnostics(opt_state)
-    train_loss, train_correct, train_count = totals
+    switch_tests = _without_empty_gaps(swats_jax.switch_diagnostics(opt_state))
     record = {
         "epoch": epoch,
         "step": step,
@@ -709,7 +808,7 @@ def _evaluate_epoch(
         "sgd_scale": _rounded(run.setup.sgd_scale(step - 1)),
         "num_switched": sum(test.phase == "sgd" for test in switch_tests),
         "epoch_time_s": round(train_time, 3),
-        "images_per_s": round(float(train_count) / train_time, 1),
+        "images_per_s": None if images_per_s is None else round(float(images_per_s), 1),
         "complete": epoch_steps == run.steps_per_epoch,
     }
     return record, switch_tests, eval_time
@@ -746,14 +845,14 @@ def _log_epoch(
     saved_epoch: int,
 ) -> None:
     log.info(
-        "epoch %d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %.0f images/s, "
+        "epoch %d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %s images/s, "
         "%d arrays switched%s, evaluated in %.1f s",
         record["epoch"],
         record["train_loss"],
         record["train_accuracy"],
         record["test_loss"],
         record["test_accuracy"],
-        record["images_per_s"],
+        _rate(record["images_per_s"]),
         record["num_switched"],
         _adam_gap_summary(switch_tests),
         eval_time,
@@ -768,6 +867,21 @@ def _log_epoch(
             epoch,
             f"the checkpoint of epoch {saved_epoch}" if saved_epoch else "scratch",
         )
+
+
+def _without_empty_gaps(
+    tests: list[swats_jax.SwitchDiagnostic],
+) -> list[swats_jax.SwitchDiagnostic]:
+    """The switch tests, with NaN gaps for the arrays in Adam whose estimate equals their
+    gamma exactly: the first step's test, which compares gamma with itself, is then still
+    the last that ran (later ones were skipped, as after a diverging step), and its gap of
+    0 would read as "about to switch"."""
+    return [
+        test._replace(absolute_gap=math.nan, relative_gap=math.nan)
+        if test.phase == "adam" and test.absolute_gap == 0
+        else test
+        for test in tests
+    ]
 
 
 def _adam_gap_summary(tests: list[swats_jax.SwitchDiagnostic]) -> str:
