@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.ConfigMismatchError,
         CheckpointError,
         trainer.MetricsError,
+        trainer.ProcessFailedError,
     )
     announce = _once(lambda: _fail(parser.prog, INTERRUPTED, EXIT_INTERRUPTED, ""))
     try:
@@ -155,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     except expected as err:
         return _fail(parser.prog, str(err), EXIT_ERROR)
     except OSError as err:  # a full disk, a folder removed under the run, ...
-        where = f" ({err.filename})" if err.filename else ""
-        return _fail(parser.prog, f"{err.strerror or err}{where}", EXIT_ERROR)
+        return _fail(parser.prog, trainer.describe_error(err), EXIT_ERROR)
     except trainer.NonFiniteLossError as err:
         return _fail(parser.prog, str(err), EXIT_NON_FINITE)
     except trainer.TrainingInterrupted as err:

@@ -69,6 +69,11 @@ class ReplicaMismatchError(RuntimeError):
     """The processes of a multi-process run no longer hold the same parameters."""
 
 
+class ProcessFailedError(RuntimeError):
+    """One process of a multi-process run failed writing the run's files; every process
+    raises this, with the same message, and stops."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped without saving that state."""
 
@@ -558,8 +563,6 @@ def _train_and_evaluate(
     _check_config(workdir, config)
     if dataset is None:
         dataset = _load_data(config)
-    if jax.process_index() == 0:
-        _write_config(workdir, config)  # only once the data loaded: a typo must not pin the run
     run, state = _set_up(config, workdir, dataset)
     metrics = metrics_lib.MetricsLog(workdir) if run.primary else _NoMetrics()
     interrupt = _InterruptFlag()
@@ -689,13 +692,63 @@ def _resume(
     if restored is not None:
         start_epoch, state = restored
         log.info("resumed from the checkpoint of epoch %d in %s", start_epoch, run.workdir)
-    partial = [r["epoch"] for r in metrics.records() if not r["complete"]]
-    if partial and partial[-1] > start_epoch:
-        log.info("epoch %d stopped part-way last time (--max-steps) and starts again", partial[-1])
-    metrics.keep_epochs_up_to(start_epoch)
-    if run.primary:
+
+    def write() -> None:
+        # The configuration only once the data loaded: a typo must not pin the run.
+        _write_config(run.workdir, run.config)
+        partial = [r["epoch"] for r in metrics.records() if not r["complete"]]
+        if partial and partial[-1] > start_epoch:
+            log.info(
+                "epoch %d stopped part-way last time (--max-steps) and starts again", partial[-1]
+            )
+        metrics.keep_epochs_up_to(start_epoch)
         metrics_lib.keep_rates_up_to(run.workdir, start_epoch)
+
+    _write_together(run, write)
     return start_epoch, (state["params"], state["batch_stats"], state["opt_state"])
+
+
+def _write_together(run: _Run, write: Callable[[], None]) -> None:
+    """Runs ``write`` in process 0, which writes the run's files. With several processes,
+    they then agree on whether it failed (a collective): an error there (a full disk, a
+    file it cannot write) stops every process with the same message, rather than leaving
+    the others waiting in their next collective until the coordination service times out."""
+    if not run.multiprocess:
+        write()
+        return
+    error = None
+    if run.primary:
+        try:
+            write()
+        except Exception as err:  # whatever it is, the other processes must hear of it
+            error = err
+    message = _shared_failure(error)
+    if message is not None:
+        raise ProcessFailedError(message) from error
+
+
+def _shared_failure(error: Exception | None, size: int = 1024) -> str | None:
+    """The description of the first process's error, in every process (a collective);
+    None when no process had one."""
+    from jax.experimental import multihost_utils
+
+    text = b"" if error is None else describe_error(error).encode()[: size - 1]
+    mine = np.zeros(size, np.uint8)
+    mine[0] = error is not None
+    mine[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
+    for index, row in enumerate(np.asarray(multihost_utils.process_allgather(mine))):
+        if row[0]:
+            return f"process {index}: " + bytes(row[1:]).rstrip(b"\0").decode(errors="replace")
+    return None
+
+
+def describe_error(error: BaseException) -> str:
+    """The one line the command line prints for ``error``: an ``OSError``'s reason and
+    file (``No space left on device (runs/x/metrics.jsonl.tmp)``), else its message."""
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or error}{where}"
+    return str(error)
 
 
 def _train_epoch(
@@ -828,10 +881,14 @@ def _end_epoch(
     epoch = record["epoch"]
     if run.multiprocess:
         _check_replicas_agree(params, epoch)
-    metrics.append(record)
-    if run.primary and run.setup.switches:
-        metrics_lib.write_switch_table(run.workdir, swats_jax.switch_events(opt_state))
-        metrics_lib.append_rates(run.workdir, epoch, switch_tests)
+
+    def write() -> None:
+        metrics.append(record)
+        if run.setup.switches:
+            metrics_lib.write_switch_table(run.workdir, swats_jax.switch_events(opt_state))
+            metrics_lib.append_rates(run.workdir, epoch, switch_tests)
+
+    _write_together(run, write)
     if not record["complete"]:
         return False
     checkpointer.save(epoch, {"params": params, "batch_stats": stats, "opt_state": opt_state})
