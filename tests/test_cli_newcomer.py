@@ -5,6 +5,7 @@ and synthetic data, and checks the exit code and the one line on stderr.
 """
 
 import csv
+import errno
 import fcntl
 import json
 import logging
@@ -21,6 +22,7 @@ import time
 from unittest import mock
 
 import jax
+import orbax.checkpoint as ocp
 import pytest
 from helpers import TINY
 from test_data_fallback import official, offline, serve_official, tfds_online  # noqa: F401
@@ -375,3 +377,59 @@ def test_without_the_train_extra_it_says_what_to_install(tmp_path):
     assert result.stderr == (
         f"{PROG}: error: the trainer needs its extra: pip install '.[train]' (no module flax)\n"
     )
+
+
+# --- a full disk -------------------------------------------------------------------------
+def _no_space(path):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _assert_resumes_from_epoch_1(workdir, capsys, caplog):
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="train")
+    assert cifar.main([*TINY, "--epochs=2", f"--workdir={workdir}"]) == 0
+    capsys.readouterr()
+    assert any("resumed from the checkpoint of epoch 1" in r.getMessage() for r in caplog.records)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_a_full_disk_while_writing_the_metrics(tmp_path, capsys, caplog, monkeypatch):
+    workdir = tmp_path / "run"
+    write_text = pathlib.Path.write_text
+    writes = []
+
+    def fill_up_at_epoch_2(self, *args, **kwargs):
+        if self.name == "metrics.jsonl.tmp":
+            writes.append(self)
+            if len(writes) == 3:  # at start-up, after epoch 1, after epoch 2
+                raise _no_space(self)
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", fill_up_at_epoch_2)
+    assert cifar.main([*TINY, "--epochs=2", f"--workdir={workdir}"]) == 2
+    err = _one_line(capsys)
+    assert err == f"{PROG}: error: No space left on device ({workdir / 'metrics.jsonl.tmp'})\n"
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    _assert_resumes_from_epoch_1(workdir, capsys, caplog)
+
+
+def test_a_full_disk_while_saving_a_checkpoint(tmp_path, capsys, caplog, monkeypatch):
+    # Orbax writes the arrays through TensorStore, out of Python's reach: the disk fills
+    # up as its handler saves the state of epoch 2.
+    workdir = tmp_path / "run"
+    save = ocp.StandardCheckpointHandler.async_save
+    saves = []
+
+    def fill_up_at_epoch_2(self, directory, *args, **kwargs):
+        saves.append(directory)
+        if len(saves) == 2:
+            raise _no_space(directory)
+        return save(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", fill_up_at_epoch_2)
+    assert cifar.main([*TINY, "--epochs=2", f"--workdir={workdir}"]) == 2
+    err = _one_line(capsys)
+    assert err.startswith(f"{PROG}: error: ") and "No space left on device" in err
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", save)
+    _assert_resumes_from_epoch_1(workdir, capsys, caplog)
