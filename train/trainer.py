@@ -414,12 +414,6 @@ class _NoMetrics:
     def records(self) -> list[dict[str, Any]]:
         return []
 
-    def keep_epochs_up_to(self, epoch: int) -> None:
-        pass
-
-    def append(self, record: dict[str, Any]) -> None:
-        pass
-
 
 def _prepare_workdir(workdir: Path) -> Path | None:
     """Creates ``workdir`` if needed and checks that it is writable.
