@@ -55,6 +55,7 @@ chunk_steps = None  # training steps per compiled chunk; None: 100 on GPU/TPU, 1
 keep_checkpoints = 3  # epoch checkpoints kept per run
 cache_dir = None  # downloads and decoded data; None: ~/.cache/swats_jax
 synthetic_size = [1024, 256]  # train and test images of the synthetic data
+max_train_loss = None  # stop a run whose training loss exceeds it; None: 1000 x ln(classes)
 num_devices = None  # data parallel over the first N devices; None: all
 
 # %% [markdown]

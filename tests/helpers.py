@@ -1,5 +1,7 @@
 """Helpers shared by the tests (imported like ``problems`` and ``numpy_reference``)."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 
@@ -32,3 +34,16 @@ def run_optimizer(opt, params, grad_fn, num_steps, *, jit=True):
         params = jax.tree.map(lambda p, u: p + u, params, updates)
         history.append(params)
     return history, state
+
+
+def flip_a_byte_inside_an_array(step_directory: Path) -> None:
+    """Flips one bit in the middle of the largest data file of a checkpoint, which holds
+    the chunk of its largest array: Orbax and TensorStore store no checksums, so this
+    restores without error (one value of that array changes) unless a digest catches it."""
+    largest = max(
+        (path for path in step_directory.rglob("*") if path.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    largest.write_bytes(bytes(data))

@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
+from helpers import flip_a_byte_inside_an_array
 
-from train.checkpoint import Checkpointer, CheckpointError
+from train.checkpoint import Checkpointer, CheckpointError, array_digests
 
 # When some of a checkpoint's files are missing, a TensorStore read can complete after Orbax
 # closed its event loop: Python then reports "RuntimeError: Event loop is closed" from a
@@ -225,3 +227,44 @@ def test_corrupt_checkpoint_warning_is_one_readable_line(tmp_path, caplog, how):
     for internals in ("pybind11", "TensorStore(", "<bound method", "tensorstore_spec"):
         assert internals not in warning
     assert "Error" in warning.split("cannot be restored: ")[1]  # the error's class
+
+
+def _state_with_a_large_array(seed):
+    w = np.random.default_rng(seed).normal(size=(64, 64))
+    return {"params": make_state(seed)["params"], "w": jnp.asarray(w, jnp.float32)}
+
+
+def test_a_flipped_byte_fails_the_digest_and_falls_back(tmp_path, caplog):
+    with Checkpointer(tmp_path) as checkpointer:
+        checkpointer.save(1, _state_with_a_large_array(1))
+        checkpointer.save(2, _state_with_a_large_array(2))
+    flip_a_byte_inside_an_array(tmp_path / "2")
+    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
+        with Checkpointer(tmp_path) as checkpointer:
+            epoch, restored = checkpointer.restore_latest(_state_with_a_large_array(0))
+    assert epoch == 1
+    assert_bit_identical(restored, _state_with_a_large_array(1))
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"]
+    assert warning.startswith(f"Skipping the checkpoint of epoch 2 ({tmp_path / '2'}), which ")
+    assert "1 arrays differ from the digests saved with them (w)" in warning
+
+
+def test_checkpoints_without_digests_restore_without_a_warning(tmp_path, caplog):
+    # As saved before checkpoints had digests: Orbax's save without custom metadata.
+    with Checkpointer(tmp_path) as checkpointer:
+        saved = checkpointer._manager.save(1, args=ocp.args.StandardSave(make_state(1)))
+        assert saved
+    with caplog.at_level(logging.WARNING):
+        with Checkpointer(tmp_path) as checkpointer:
+            epoch, restored = checkpointer.restore_latest(make_state())
+    assert epoch == 1
+    assert_bit_identical(restored, make_state(1))
+    assert [r for r in caplog.records if r.name.startswith("train")] == []
+
+
+def test_digests_cover_dtype_shape_and_bytes():
+    state = {"a": np.zeros(4, np.float32), "b": np.zeros((2, 2), np.float32)}
+    digests = array_digests(state)
+    assert digests["a"] != digests["b"]  # same bytes, other shape
+    assert array_digests({"a": np.zeros(4, np.int32)})["a"] != digests["a"]
+    assert array_digests(jax.tree.map(jnp.asarray, state)) == digests

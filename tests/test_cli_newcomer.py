@@ -4,13 +4,25 @@ Each test runs ``python -m train.cifar`` in-process (``train.cifar.main``) on a 
 and synthetic data, and checks the exit code and the one line on stderr.
 """
 
+import csv
+import errno
+import fcntl
 import json
 import logging
 import os
 import pathlib
+import pty
+import re
 import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
 from unittest import mock
 
+import jax
+import orbax.checkpoint as ocp
 import pytest
 from helpers import TINY
 from test_data_fallback import official, offline, serve_official, tfds_online  # noqa: F401
@@ -211,3 +223,213 @@ def test_one_epoch_plot_is_a_labelled_point(tmp_path, monkeypatch):
     assert list(line.get_xdata()) == [1] and line.get_marker() not in (None, "", "None")
     (label,) = [text.get_text() for text in axes.get_legend().get_texts()]
     assert label == "swats_local (resnet18, width 4, float32, seed 3)"
+
+
+# --- what a new user met: divergence, gaps, throughput, terminals, Ctrl-C, the extra ------
+# The subprocess tests run `python -m train.cifar` as a user does, with the session's
+# compilation cache.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROG = "python -m train.cifar"
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+    }
+
+
+def test_a_diverging_loss_stops_with_exit_3_and_saves_nothing(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    assert cifar.main([*TINY, "--lr=1e9", "--epochs=2", f"--workdir={workdir}"]) == 3
+    err = _one_line(capsys)
+    assert "above --max-train-loss 2303: the run diverged" in err
+    assert "stopped without saving this state" in err
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+    metrics = workdir / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""
+
+
+def test_no_gap_is_reported_as_0_where_no_test_compared(tmp_path, caplog):
+    # With the guard off (--max-train-loss=0) the diverging run trains its epoch. Its
+    # switch tests after the first step are skipped, so that the last test of most arrays
+    # is the first step's, which compares gamma with itself.
+    caplog.set_level(logging.INFO, logger="train")
+    argv = [*TINY, "--lr=1e9", "--max-train-loss=0", "--epochs=1"]
+    assert cifar.main([*argv, f"--workdir={tmp_path / 'run'}"]) == 0
+    with (tmp_path / "run" / "rates.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    first_step_only = [r for r in rows if r["estimate"] == r["gamma"]]
+    assert first_step_only  # what this test is about happened
+    assert all(r["absolute_gap"] == r["relative_gap"] == "nan" for r in first_step_only)
+    assert all(float(r["absolute_gap"]) != 0 for r in rows if r["phase"] == "adam")
+    (line,) = [r.getMessage() for r in caplog.records if "arrays switched (" in r.getMessage()]
+    assert "median relative gap 0 " not in line
+
+
+def test_images_per_s_exclude_compilation_and_the_partial_batch_compiles_on_its_own_line(
+    tmp_path, caplog
+):
+    # 136 images: 4 batches of 32 and a partial one of 8, which compiles its own program.
+    caplog.set_level(logging.INFO, logger="train")
+    argv = [*TINY, "--synthetic-size", "136", "64", "--epochs=1"]
+    assert cifar.main([*argv, f"--workdir={tmp_path / 'run'}"]) == 0
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("train")]
+    assert any(
+        m.startswith("set up resnet18 (44,622 parameters in 62 arrays) and swats_local in ")
+        for m in messages
+    )
+    compiles = [m for m in messages if m.startswith("compil")]
+    assert compiles[0] == "compiling the training step"
+    assert compiles[1].startswith("compiled and ran the first training step(s) in ")
+    assert compiles[2] == "compiling the training step of the last, partial batch (8 images)"
+    assert compiles[3].startswith("compiled and ran it in ")
+    compile_s = sum(float(m.split(" in ")[1].split()[0]) for m in compiles[1::2])
+    # The first progress line comes right after the compiling step: nothing to time yet.
+    assert "epoch 1: step 1/5, train loss" in messages[messages.index(compiles[1]) + 1]
+    assert ", ? images/s," in messages[messages.index(compiles[1]) + 1]
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    # The 96 images of steps 2-4 over their own time, not 136 over the epoch's.
+    steps_s = record["epoch_time_s"] - compile_s
+    assert record["images_per_s"] > 136 / record["epoch_time_s"]
+    assert record["images_per_s"] == pytest.approx(96 / steps_s, rel=0.2)
+
+
+def _run_in_a_terminal(tmp_path, columns: int) -> str:
+    """Runs a tiny epoch with stderr on a terminal of ``columns`` columns (0: a terminal
+    without a size, as under ``script`` or on some CI runners); returns what it showed."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    argv = [sys.executable, "-m", "train.cifar", *TINY, "--epochs=1"]
+    process = subprocess.Popen(
+        [*argv, f"--workdir={tmp_path / 'run'}"],
+        cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
+    )  # fmt: skip
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert process.wait(timeout=240) == 0, shown.decode()[-3000:]
+    return shown.decode().replace("\r\n", "\n")  # the terminal's own line ends
+
+
+@pytest.mark.parametrize("columns", [0, 100])
+def test_progress_shows_in_a_terminal_of_any_size_never_on_a_log_line(tmp_path, columns):
+    shown = _run_in_a_terminal(tmp_path, columns)
+    log_lines = [line for line in shown.split("\n") if " train.trainer: " in line]
+    assert any("epoch 1: train loss" in line for line in log_lines)
+    for line in log_lines:  # what the terminal shows of it: after the last carriage return
+        assert re.match(r"\d{4}-\d\d-\d\d ", line.split("\r")[-1].lstrip()), repr(line)
+    if columns == 0:  # no bar: log lines about every 10% of the epoch
+        assert "%|" not in shown
+        assert any("epoch 1: step 1/4, train loss" in line for line in log_lines)
+    else:
+        assert "epoch 1: 100%|" in shown and "4/4" in shown
+
+
+def test_a_second_ctrl_c_stops_at_once_even_while_compiling(tmp_path):
+    argv = [sys.executable, "-m", "train.cifar", *TINY, "--epochs=50", "--width=16"]
+    process = subprocess.Popen(
+        [*argv, f"--workdir={tmp_path / 'run'}"],
+        cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in process.stderr:
+            if "compiling the training step" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        start = time.perf_counter()
+        assert process.wait(timeout=60) == 130
+        elapsed = time.perf_counter() - start
+        rest = process.stderr.read().splitlines()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert elapsed < 5, elapsed
+    assert rest[-1] == f"{PROG}: {cifar.INTERRUPTED}"
+    assert not any("Traceback" in line or "Segmentation" in line for line in rest)
+
+
+def test_without_the_train_extra_it_says_what_to_install(tmp_path):
+    # As after `pip install .`: no Flax.
+    script = (
+        "import sys, runpy; sys.modules['flax'] = None; sys.argv[0] = 'train.cifar'; "
+        "runpy.run_module('train.cifar', run_name='__main__')"
+    )
+    argv = [*TINY, f"--workdir={tmp_path / 'run'}"]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *argv], cwd=ROOT, env=_env(), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"{PROG}: error: the trainer needs its extra: pip install '.[train]' (no module flax)\n"
+    )
+
+
+# --- a full disk -------------------------------------------------------------------------
+def _no_space(path):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _assert_resumes_from_epoch_1(workdir, capsys, caplog):
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="train")
+    assert cifar.main([*TINY, "--epochs=2", f"--workdir={workdir}"]) == 0
+    capsys.readouterr()
+    assert any("resumed from the checkpoint of epoch 1" in r.getMessage() for r in caplog.records)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_a_full_disk_while_writing_the_metrics(tmp_path, capsys, caplog, monkeypatch):
+    workdir = tmp_path / "run"
+    write_text = pathlib.Path.write_text
+    writes = []
+
+    def fill_up_at_epoch_2(self, *args, **kwargs):
+        if self.name == "metrics.jsonl.tmp":
+            writes.append(self)
+            if len(writes) == 3:  # at start-up, after epoch 1, after epoch 2
+                raise _no_space(self)
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", fill_up_at_epoch_2)
+    assert cifar.main([*TINY, "--epochs=2", f"--workdir={workdir}"]) == 2
+    err = _one_line(capsys)
+    assert err == f"{PROG}: error: No space left on device ({workdir / 'metrics.jsonl.tmp'})\n"
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    _assert_resumes_from_epoch_1(workdir, capsys, caplog)
+
+
+def test_a_full_disk_while_saving_a_checkpoint(tmp_path, capsys, caplog, monkeypatch):
+    # Orbax writes the arrays through TensorStore, out of Python's reach: the disk fills
+    # up as its handler saves the state of epoch 2.
+    workdir = tmp_path / "run"
+    save = ocp.StandardCheckpointHandler.async_save
+    saves = []
+
+    def fill_up_at_epoch_2(self, directory, *args, **kwargs):
+        saves.append(directory)
+        if len(saves) == 2:
+            raise _no_space(directory)
+        return save(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", fill_up_at_epoch_2)
+    assert cifar.main([*TINY, "--epochs=2", f"--workdir={workdir}"]) == 2
+    err = _one_line(capsys)
+    assert err.startswith(f"{PROG}: error: ") and "No space left on device" in err
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", save)
+    _assert_resumes_from_epoch_1(workdir, capsys, caplog)

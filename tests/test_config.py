@@ -101,6 +101,7 @@ def test_fields_that_may_change_on_resume():
         "num_devices",
         "chunk_steps",
         "cache_dir",
+        "max_train_loss",  # a guard: it does not change what the run computes
     }
 
 

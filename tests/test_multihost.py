@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -50,6 +51,12 @@ def _free_port() -> int:
 
 def _two_processes(workdir: Path, cache: Path, *flags: str) -> None:
     """Runs the README's two-process command; both must exit 0 within the time limit."""
+    codes, logs = _run_two_processes(workdir, cache, *flags)
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+
+
+def _run_two_processes(workdir: Path, cache: Path, *flags: str) -> tuple[list[int], list[Path]]:
+    """Runs the README's two-process command; returns the exit codes and the logs."""
     port = _free_port()
     logs = [workdir.with_name(f"{workdir.name}.{i}.log") for i in range(2)]
     processes = [
@@ -70,7 +77,7 @@ def _two_processes(workdir: Path, cache: Path, *flags: str) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    return codes, logs
 
 
 def _one_process(workdir: Path, cache: Path, *flags: str) -> None:
@@ -155,3 +162,24 @@ def test_two_process_swats_local_trains_like_one_process_and_resumes_bit_exactly
     for a, b in zip(final, _moves(two, opt="swats_local")):
         np.testing.assert_array_equal(a, b)
     assert (two / "switches.csv").read_text() == table
+
+
+def test_an_error_of_process_0_stops_both_processes_with_the_same_line(tmp_path):
+    # Process 0 cannot write the switch table at the end of epoch 1 (a folder is in its
+    # way); process 1, which writes no files, must stop too, at once, with the same line
+    # and exit code, rather than wait in its next collective for the coordination timeout.
+    workdir = tmp_path / "run"
+    (workdir / "switches.md").mkdir(parents=True)
+    flags = ["--opt=swats_local", "--synthetic-size", "64", "64", "--epochs=2"]
+    start = time.perf_counter()
+    codes, logs = _run_two_processes(workdir, tmp_path / "xla-cache", *flags)
+    elapsed = time.perf_counter() - start
+    texts = [log.read_text() for log in logs]
+    assert codes == [2, 2], "\n".join(text[-3000:] for text in texts)
+    last_lines = [text.strip().splitlines()[-1] for text in texts]
+    assert last_lines[0] == last_lines[1]
+    assert last_lines[0] == (
+        f"python -m train.cifar: error: process 0: Is a directory ({workdir / 'switches.md'})"
+    )
+    assert elapsed < 120, elapsed  # the coordination service waits minutes
+    assert "Traceback" not in texts[0] + texts[1]

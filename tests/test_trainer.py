@@ -2,7 +2,9 @@
 
 import io
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -12,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import TINY
+from helpers import TINY, flip_a_byte_inside_an_array
 from PIL import Image
 
 from train import cifar, models
@@ -140,6 +142,31 @@ def test_resume_is_bit_exact(tmp_path):
     assert drop_time(resumed) == drop_time(straight)
     (epoch_a, state_a), (epoch_b, state_b) = (
         _final_state(tmp_path / name, config, 4) for name in ("straight", "resumed")
+    )
+    assert epoch_a == epoch_b == 3
+    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_flipped_byte_in_the_latest_checkpoint_resumes_from_the_previous_one(tmp_path, caplog):
+    # Bit-exact with the same run resumed from the checkpoint of epoch 1 directly.
+    corrupt, direct = tmp_path / "corrupt", tmp_path / "direct"
+    argv = [*TINY, "--opt=swats_local"]
+    assert cifar.main([*argv, "--epochs=2", f"--workdir={corrupt}"]) == 0
+    shutil.copytree(corrupt, direct)
+    shutil.rmtree(direct / "checkpoints" / "2")
+    flip_a_byte_inside_an_array(corrupt / "checkpoints" / "2")
+    caplog.set_level(logging.INFO, logger="train")
+    assert cifar.main([*argv, "--epochs=3", f"--workdir={corrupt}"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    (warning,) = [w for w in warnings if w.startswith("Skipping")]
+    assert warning.startswith("Skipping the checkpoint of epoch 2 (")
+    assert "differ from the digests saved with them" in warning
+    assert any("resumed from the checkpoint of epoch 1" in r.getMessage() for r in caplog.records)
+    assert cifar.main([*argv, "--epochs=3", f"--workdir={direct}"]) == 0
+    config = tiny_config(opt="swats_local", epochs=3)
+    (epoch_a, state_a), (epoch_b, state_b) = (
+        _final_state(run, config, 4) for run in (corrupt, direct)
     )
     assert epoch_a == epoch_b == 3
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):

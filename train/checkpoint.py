@@ -7,9 +7,13 @@ needs a ``target`` of the same structure, which gives back the exact types.
 
 Before restoring, each checkpoint's metadata (leaf paths, shapes and dtypes) is compared
 with the target: Orbax would otherwise silently cast dtypes and drop leaves that the
-checkpoint lacks. A checkpoint that cannot be read or does not match is reported and
-skipped for the one before it; if none can be restored, :class:`CheckpointError` says why
-rather than letting the run start over and overwrite the user's progress.
+checkpoint lacks. Orbax stores no checksums either, so bytes flipped inside an array's data
+would restore without error: each save records a SHA-256 digest of every array (of its
+dtype, shape and bytes) in the checkpoint's metadata, and a restore checks them (checkpoints
+saved without digests, by earlier versions, restore unchecked). A checkpoint that cannot be
+read, does not match or fails its digests is reported and skipped for the one before it; if
+none can be restored, :class:`CheckpointError` says why rather than letting the run start
+over and overwrite the user's progress.
 
 Example::
 
@@ -23,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -41,6 +46,8 @@ _ITEM_NAME = "default"
 # Orbax and TensorStore errors embed whole JSON specs; the first line says what went wrong.
 _MAX_ERROR_CHARS = 300
 _MAX_LISTED_PATHS = 5
+# The key of the per-array digests in a checkpoint's custom metadata.
+_DIGESTS = "sha256_by_array"
 
 
 class CheckpointError(RuntimeError):
@@ -91,7 +98,15 @@ class Checkpointer:
             )
             for step in stale:
                 self._manager.delete(step)
-        if not self._manager.save(epoch, args=ocp.args.StandardSave(state), force=True):
+        # The digests go into the checkpoint's own metadata, which Orbax writes before it
+        # renames the finished checkpoint into place: a checkpoint has them or is not there.
+        saved = self._manager.save(
+            epoch,
+            args=ocp.args.StandardSave(state),
+            force=True,
+            custom_metadata={_DIGESTS: array_digests(state)},
+        )
+        if not saved:
             raise CheckpointError(f"Orbax did not save epoch {epoch} in {self.directory}.")
 
     def latest_epoch(self) -> int | None:
@@ -151,19 +166,52 @@ class Checkpointer:
         mismatch = _describe_mismatch(_leaf_specs(metadata.tree), _leaf_specs(target))
         if mismatch:
             raise CheckpointError(f"it does not match the target: {mismatch}")
-        return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        saved = (self._manager.metadata(step).custom_metadata or {}).get(_DIGESTS)
+        if saved is not None:  # None: saved before checkpoints had digests
+            current = array_digests(restored)
+            differing = sorted(
+                p for p in current.keys() | saved.keys() if current.get(p) != saved.get(p)
+            )
+            if differing:
+                raise CheckpointError(
+                    f"{len(differing)} arrays differ from the digests saved with them "
+                    f"{_some(differing)}: the checkpoint is corrupt"
+                )
+        return restored
+
+
+def array_digests(state: Any) -> dict[str, str]:
+    """The SHA-256 digest (hex) of every array of ``state``, of its dtype, shape and bytes,
+    by readable path (``opt_state/0/mu/conv/kernel``).
+
+    A leaf must be fully addressable or fully replicated (a replicated array of a
+    multi-process run is read from its first local shard). This is one host transfer of
+    the state, as a save makes anyway.
+    """
+    digests = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            if not leaf.is_fully_replicated:
+                raise ValueError(
+                    f"cannot digest {_path(path)}: it is neither addressable nor replicated"
+                )
+            leaf = leaf.addressable_shards[0].data
+        value = np.ascontiguousarray(leaf)
+        digest = hashlib.sha256(f"{value.dtype.name}{list(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(np.uint8))
+        digests[_path(path)] = digest.hexdigest()
+    return digests
+
+
+def _path(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Maps the readable path of each leaf (``opt/0/mu/conv/kernel``) to its shape and dtype."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        jax.tree_util.keystr(path, simple=True, separator="/"): (
-            tuple(leaf.shape),
-            np.dtype(leaf.dtype),
-        )
-        for path, leaf in leaves
-    }
+    return {_path(path): (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in leaves}
 
 
 def _describe_mismatch(saved: dict, target: dict) -> str:

@@ -7,9 +7,14 @@ Parses flags into a :class:`train.config.Config` and calls
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import os
+import signal
+import socket
 import sys
+import threading
 import typing
 
 from train import config as config_lib
@@ -18,6 +23,9 @@ from train import config as config_lib
 EXIT_ERROR = 2  # bad flags or input: data, workdir, configuration, checkpoints, disk
 EXIT_NON_FINITE = 3  # the training loss became NaN or infinite
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+INTERRUPTED = "interrupted; run the same command to resume from the last checkpoint"
+# The top-level modules of the trainer's extra (pip install ".[train]"), beyond JAX and Optax.
+TRAIN_EXTRA_MODULES = frozenset({"flax", "orbax", "PIL", "matplotlib", "tqdm"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,9 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         if index != 0:  # other processes log warnings and errors only
             logging.getLogger("train").setLevel(logging.WARNING)
     # Imported here so that --help and flag errors answer without loading JAX.
-    from train import trainer
-    from train.checkpoint import CheckpointError
-    from train.data import DatasetError
+    try:
+        from train import trainer
+        from train.checkpoint import CheckpointError
+        from train.data import DatasetError
+    except ImportError as err:
+        if (err.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        message = f"the trainer needs its extra: pip install '.[train]' (no module {err.name})"
+        return _fail(parser.prog, message, EXIT_ERROR)
 
     expected = (
         DatasetError,
@@ -133,22 +147,73 @@ def main(argv: list[str] | None = None) -> int:
         trainer.ConfigMismatchError,
         CheckpointError,
         trainer.MetricsError,
+        trainer.ProcessFailedError,
     )
+    announce = _once(lambda: _fail(parser.prog, INTERRUPTED, EXIT_INTERRUPTED, ""))
     try:
-        trainer.train_and_evaluate(config, args.workdir)
+        with _second_interrupt_stops_at_once(announce):
+            trainer.train_and_evaluate(config, args.workdir)
     except expected as err:
         return _fail(parser.prog, str(err), EXIT_ERROR)
     except OSError as err:  # a full disk, a folder removed under the run, ...
-        where = f" ({err.filename})" if err.filename else ""
-        return _fail(parser.prog, f"{err.strerror or err}{where}", EXIT_ERROR)
+        return _fail(parser.prog, trainer.describe_error(err), EXIT_ERROR)
     except trainer.NonFiniteLossError as err:
         return _fail(parser.prog, str(err), EXIT_NON_FINITE)
     except trainer.TrainingInterrupted as err:
         return _fail(parser.prog, str(err), EXIT_INTERRUPTED, "")
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        message = "interrupted; run the same command to resume from the last checkpoint"
-        return _fail(parser.prog, message, EXIT_INTERRUPTED, "")
+        announce()
+        return EXIT_INTERRUPTED
     return 0
+
+
+def _once(function: typing.Callable[[], object]) -> typing.Callable[[], None]:
+    """``function``, called by the first caller only (of any thread)."""
+    called = threading.Lock()
+
+    def once() -> None:
+        if called.acquire(blocking=False):
+            function()
+            sys.stderr.flush()
+
+    return once
+
+
+@contextlib.contextmanager
+def _second_interrupt_stops_at_once(announce: typing.Callable[[], None]):
+    """A second Ctrl-C ends the process at once, exit 130, wherever it is.
+
+    The first asks the trainer to stop at the next step boundary. Python runs its signal
+    handlers between bytecodes of the main thread, so one raising KeyboardInterrupt waits
+    for XLA's compiler or any other long C call to return (and unwinding from there has
+    crashed the process). The C-level handler also writes each signal's number to the
+    wakeup file descriptor: a thread reading it sees the second Ctrl-C as it comes, calls
+    ``announce`` (which says so on one line) and exits.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        count = 0
+        while data := reader.recv(64):  # empty once the writer is closed
+            count += data.count(signal.SIGINT)
+            if count >= 2:
+                announce()
+                os._exit(EXIT_INTERRUPTED)
+
+    watcher = threading.Thread(target=watch, name="second-ctrl-c", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        writer.close()
+        watcher.join()
+        reader.close()
 
 
 def _start_distributed(args: argparse.Namespace) -> int:

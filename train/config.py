@@ -120,6 +120,12 @@ class Config:
         "numbers of train and test images of the 'synthetic' data",
         metavar=("TRAIN", "TEST"),
     )
+    max_train_loss: float | None = _option(
+        None,
+        "stop the run (exit 3, nothing saved) once the running training loss exceeds this: "
+        "it diverged; unset: 1000 x ln(number of classes), 2303 on CIFAR-10; 0: never",
+        may_change_on_resume=True,
+    )
     num_devices: int | None = _option(
         None,
         "data parallel over the first NUM_DEVICES local devices; unset: all",
@@ -153,6 +159,8 @@ class Config:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_train_loss is not None and self.max_train_loss < 0:
+            raise ValueError(f"max_train_loss must be >= 0, got {self.max_train_loss}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -259,11 +267,19 @@ def reference_recipe(opt: str, model: str) -> Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSetup:
-    """The optimizer of a run and the schedules it follows, for logging."""
+    """The optimizer of a run and the schedules it follows, for logging.
+
+    Attributes:
+      optimizer: the transformation.
+      learning_rate: the Adam-phase (or base) rate per optimizer count.
+      sgd_scale: the SGD-phase rate scale per optimizer count (1 outside SWATS).
+      switches: it switches from Adam to SGD (SWATS): the run has switch tables and tests.
+    """
 
     optimizer: optax.GradientTransformation
     learning_rate: Callable[[int], Any]
     sgd_scale: Callable[[int], Any]
+    switches: bool = False
 
 
 def _from_epochs(steps_per_epoch: int, value: float, changes: Mapping[int, float]):
@@ -323,8 +339,10 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> OptimizerSetup:
     match config.opt:
         case "swats_local":
             optimizer = swats_jax.swats_local(learning_rate=lr, sgd_scale=scale)
+            return OptimizerSetup(optimizer, lr, scale, switches=True)
         case "swats_global":
             optimizer = swats_jax.swats_global(learning_rate=lr, sgd_scale=scale, momentum=momentum)
+            return OptimizerSetup(optimizer, lr, scale, switches=True)
         case "adabound":
             optimizer = swats_jax.adabound(learning_rate=lr, final_lr=0.1, base_lr=lr_value)
         case "adam":

@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import swats_jax
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train import models
 from train.checkpoint import Checkpointer
-from train.config import MAY_CHANGE_ON_RESUME, Config, make_optimizer
+from train.config import MAY_CHANGE_ON_RESUME, Config, OptimizerSetup, make_optimizer
 from train.metrics import MetricsError as MetricsError  # re-exported: train.cifar catches it
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,18 @@ class ReplicaMismatchError(RuntimeError):
     """The processes of a multi-process run no longer hold the same parameters."""
 
 
+class ProcessFailedError(RuntimeError):
+    """One process of a multi-process run failed writing the run's files; every process
+    raises this, with the same message, and stops."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped without saving that state."""
+
+
+class DivergedError(NonFiniteLossError):
+    """The training loss rose above ``Config.max_train_loss``: the run diverged, and stopped
+    as on a non-finite loss, without saving that state."""
 
 
 class TrainingInterrupted(Exception):
@@ -222,24 +234,58 @@ def _write_config(workdir: Path, config: Config) -> None:
     path.write_text(json.dumps({**config.to_json(), "workdir": str(workdir)}, indent=2) + "\n")
 
 
+@dataclasses.dataclass
+class _EpochTime:
+    """Where an epoch's time went: the chunks that compiled a program (their time and
+    images) apart, so that images/s counts the steps alone."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    compile_s: float = 0.0
+    compile_images: int = 0
+
+    def images_per_s(self, images: float) -> float | None:
+        """The rate of the ``images`` trained so far, the compiling chunks excluded; call
+        it once they are done. None when only compiling chunks ran."""
+        timed = images - self.compile_images
+        elapsed = time.perf_counter() - self.start - self.compile_s
+        return timed / elapsed if timed > 0 and elapsed > 0 else None
+
+
+def _rate(images_per_s: float | None) -> str:
+    return "?" if images_per_s is None else f"{images_per_s:.0f}"
+
+
 class _EpochProgress:
-    """An epoch's progress: a bar in a terminal, log lines otherwise.
+    """An epoch's progress: a bar in a terminal that can show one, log lines otherwise.
 
     About every 10% of the epoch, and at least every ``interval_s`` seconds, it reads the
-    running loss (a host transfer) and stops the run if it is not finite. Without a terminal
-    it then logs the step, the loss, images/s and the number of switched arrays. With several
-    processes, pass ``interval_s=math.inf``: every process then checks on the same steps, so
-    that all stop together.
+    running loss (a host transfer, which waits for the steps so far) and stops the run if
+    it is not finite or above ``max_loss``. Without a bar it then logs the step, the loss,
+    images/s and the number of switched arrays. With several processes, pass
+    ``interval_s=math.inf``: every process then checks on the same steps, so that all stop
+    together. While the bar shows, log lines are written above it, never onto its line.
     """
 
-    def __init__(self, epoch: int, total: int, first_step: int, *, interval_s: float = 60.0):
+    def __init__(
+        self,
+        epoch: int,
+        total: int,
+        first_step: int,
+        timing: _EpochTime,
+        *,
+        max_loss: float = math.inf,
+        interval_s: float = 60.0,
+    ):
         self.epoch, self.total, self.first_step = epoch, total, first_step
+        self.timing, self.max_loss = timing, max_loss
         self.every = max(1, math.ceil(total / 10))
         self.next_report = self.every
         self.interval_s = interval_s
-        self.start = self.last_report = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
+        self.last_report = time.perf_counter()
+        self.bar = self._redirect = None
+        if _terminal_shows_a_bar():
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
             self.bar = tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=True)
 
     def update(self, size: int, done: int, totals: jax.Array, opt_state: Any) -> bool:
@@ -253,17 +299,17 @@ class _EpochProgress:
         self.last_report = now
         loss_sum, _, count = np.asarray(totals)
         loss = float(loss_sum / count)
-        _check_finite(loss, self.epoch, self.first_step + done)
+        _check_loss(loss, self.max_loss, self.epoch, self.first_step + done)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         elif done < self.total:  # the epoch's own line reports its end
             log.info(
-                "epoch %d: step %d/%d, train loss %.4f, %.0f images/s, %d arrays switched",
+                "epoch %d: step %d/%d, train loss %.4f, %s images/s, %d arrays switched",
                 self.epoch,
                 done,
                 self.total,
                 loss,
-                count / (now - self.start),
+                _rate(self.timing.images_per_s(count)),
                 swats_jax.num_switched(opt_state),
             )
         return True
@@ -274,13 +320,31 @@ class _EpochProgress:
     def __exit__(self, *exc_info: Any) -> None:
         if self.bar is not None:
             self.bar.close()
+            self._redirect.__exit__(*exc_info)
 
 
-def _check_finite(loss: float, epoch: int, step: int) -> None:
+def _terminal_shows_a_bar() -> bool:
+    """Whether stderr is a terminal wide enough for a progress bar. Some report no size
+    (0 columns under ``script``, on some CI runners): a bar would print nothing there."""
+    if not sys.stderr.isatty():
+        return False
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns >= 40
+    except (OSError, ValueError):  # no file descriptor, or not a terminal after all
+        return False
+
+
+def _check_loss(loss: float, max_loss: float, epoch: int, step: int) -> None:
     if not math.isfinite(loss):
         raise NonFiniteLossError(
             f"the training loss became {loss} by step {step} (epoch {epoch}); stopped without "
             "saving this state: lower --lr, or check the data"
+        )
+    if loss > max_loss:
+        raise DivergedError(
+            f"the training loss reached {loss:.4g} by step {step} (epoch {epoch}), above "
+            f"--max-train-loss {max_loss:.4g}: the run diverged; stopped without saving this "
+            "state: lower --lr, or check the data"
         )
 
 
@@ -349,12 +413,6 @@ class _NoMetrics:
 
     def records(self) -> list[dict[str, Any]]:
         return []
-
-    def keep_epochs_up_to(self, epoch: int) -> None:
-        pass
-
-    def append(self, record: dict[str, Any]) -> None:
-        pass
 
 
 def _prepare_workdir(workdir: Path) -> Path | None:
@@ -426,208 +484,455 @@ def train_and_evaluate(
         raise
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the loop of a run needs, set up once by :func:`_set_up`."""
+
+    config: Config
+    workdir: Path
+    setup: OptimizerSetup
+    train_chunk: Callable[..., Any]
+    evaluate: Callable[..., jax.Array]
+    put: Callable[[Any], Any]  # places host arrays, replicated over every device
+    train_data: dict[str, jax.Array]
+    eval_data: tuple[jax.Array, ...]
+    shuffle_key: jax.Array
+    aug_key: jax.Array
+    num_train: int
+    num_test: int
+    full_batches: int
+    remainder: int  # the images of the partial last batch of an epoch; 0: none
+    chunk_steps: int
+    max_loss: float  # a training loss above it stops the run (math.inf: never)
+
+    @property
+    def primary(self) -> bool:
+        """Whether this is process 0, which writes the run's files (all processes save and
+        restore the checkpoints together, as Orbax expects)."""
+        return jax.process_index() == 0
+
+    @property
+    def multiprocess(self) -> bool:
+        return jax.process_count() > 1
+
+    @property
+    def inputs(self) -> tuple[dict[str, jax.Array], jax.Array]:
+        """The training step's arguments after the chunk's indices and steps."""
+        return self.train_data, self.aug_key
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.full_batches + (1 if self.remainder else 0)
+
+    def epoch_steps(self, step: int) -> int:
+        """The steps of the epoch that starts after ``step`` steps: fewer under
+        ``max_steps``, 0 once it is reached."""
+        if self.config.max_steps is None:
+            return self.steps_per_epoch
+        return max(0, min(self.steps_per_epoch, self.config.max_steps - step))
+
+    def chunks(self, epoch: int, epoch_steps: int) -> list[np.ndarray]:
+        """The batch indices of the first ``epoch_steps`` steps of ``epoch``, one
+        [steps, batch] array per dispatch: full batches in chunks of ``chunk_steps``, the
+        partial batch alone."""
+        key = jax.random.fold_in(self.shuffle_key, epoch)
+        permutation = np.asarray(jax.random.permutation(key, self.num_train))
+        batch = self.config.batch_size
+        chunks, done = [], 0
+        while done < epoch_steps:
+            if done < self.full_batches:
+                size = min(self.chunk_steps, self.full_batches - done, epoch_steps - done)
+                chunks.append(permutation[done * batch : (done + size) * batch])
+                chunks[-1] = chunks[-1].reshape(size, batch)
+            else:
+                size = 1
+                chunks.append(permutation[self.full_batches * batch :][: self.remainder][None])
+            done += size
+        return chunks
+
+
 def _train_and_evaluate(
     config: Config, workdir: Path, dataset: data_lib.Dataset | None
 ) -> list[dict[str, Any]]:
-    # With several processes (jax.distributed), process 0 writes the run's files; all
-    # processes save and restore the checkpoints together, as Orbax expects.
-    primary = jax.process_index() == 0
-    multiprocess = jax.process_count() > 1
     _check_config(workdir, config)
     if dataset is None:
-        log.info("loading the data (%s)", config.data)
-        start = time.perf_counter()
-        dataset = data_lib.load_cifar10(
-            config.data,
-            cache_dir=config.cache_dir,
-            synthetic_size=config.synthetic_size,
-            seed=config.seed,
-        )
-        log.info(
-            "loaded %d training and %d test images in %.1f s",
-            len(dataset.train_labels),
-            len(dataset.test_labels),
-            time.perf_counter() - start,
-        )
-    if primary:
-        _write_config(workdir, config)  # only once the data loaded: a typo must not pin the run
-
-    devices = _devices(config)
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
-    if config.batch_size % len(devices):
-        raise SetupError(
-            f"batch_size {config.batch_size} is not divisible by the {len(devices)} devices"
-        )
-
-    chunk_steps = config.chunk_steps or (1 if devices[0].platform == "cpu" else 100)
-    num_train = len(dataset.train_labels)
-    full_batches, remainder = divmod(num_train, config.batch_size)
-    if remainder % len(devices):
-        log.warning("dropping the last partial batch (%d images) of every epoch", remainder)
-        remainder = 0
-    steps_per_epoch = full_batches + (1 if remainder else 0)
-    if steps_per_epoch == 0:
-        raise SetupError(f"{num_train} training images are fewer than one batch")
-
-    model, params, stats = init_model(config, dataset.num_classes)
-    setup = make_optimizer(config, steps_per_epoch)
-    opt_state = setup.optimizer.init(params)
-    train_chunk, evaluate = _make_steps(model, setup.optimizer, batch_sharding)
-
-    put = functools.partial(jax.device_put, device=replicated)
-    train_data = put({"images": dataset.train_images, "labels": dataset.train_labels})
-    eval_data = put(
-        _eval_batches(
-            dataset.test_images, dataset.test_labels, config.eval_batch_size, len(devices)
-        )
-    )
-    shuffle_key, aug_key = jax.random.split(jax.random.key(config.seed + 1))
-
-    # Placed (replicated over every device of every process) before restoring, so that
-    # Orbax restores into the same global arrays the training step uses.
-    state = put({"params": params, "batch_stats": stats, "opt_state": opt_state})
-    metrics = metrics_lib.MetricsLog(workdir) if primary else _NoMetrics()
-    start_epoch = 0
+        dataset = _load_data(config)
+    run, state = _set_up(config, workdir, dataset)
+    metrics = metrics_lib.MetricsLog(workdir) if run.primary else _NoMetrics()
     interrupt = _InterruptFlag()
+    compiled: set[tuple[int, ...]] = set()  # the shapes of the chunks compiled so far
     with (
         Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints) as checkpointer,
         interrupt.installed(),
     ):
-        restored = checkpointer.restore_latest(state)
-        if restored is not None:
-            start_epoch, state = restored
-            log.info("resumed from the checkpoint of epoch %d in %s", start_epoch, workdir)
+        start_epoch, carry = _resume(run, checkpointer, metrics, state)
+        step, saved_epoch = start_epoch * run.steps_per_epoch, start_epoch
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            epoch_steps = run.epoch_steps(step)
+            if epoch_steps == 0:
+                break
+            carry, totals, timing = _train_epoch(
+                run, carry, epoch, step, epoch_steps, interrupt, saved_epoch, compiled
+            )
+            step += epoch_steps
+            record, switch_tests, eval_time = _evaluate_epoch(
+                run, carry, epoch, step, epoch_steps, totals, timing
+            )
+            if _end_epoch(run, checkpointer, metrics, carry, record, switch_tests):
+                saved_epoch = epoch
+            _log_epoch(record, switch_tests, eval_time, saved_epoch)
+    records = metrics.records()
+    if run.primary:
+        _plot(workdir)
+    return records
+
+
+def _load_data(config: Config) -> data_lib.Dataset:
+    log.info("loading the data (%s)", config.data)
+    start = time.perf_counter()
+    dataset = data_lib.load_cifar10(
+        config.data,
+        cache_dir=config.cache_dir,
+        synthetic_size=config.synthetic_size,
+        seed=config.seed,
+    )
+    log.info(
+        "loaded %d training and %d test images in %.1f s",
+        len(dataset.train_labels),
+        len(dataset.test_labels),
+        time.perf_counter() - start,
+    )
+    return dataset
+
+
+def _set_up(config: Config, workdir: Path, dataset: data_lib.Dataset) -> tuple[_Run, dict]:
+    """The mesh, the model, the optimizer, the jitted steps and the data on the devices;
+    returns the run and its initial state (params, batch stats and optimizer state)."""
+    devices = _devices(config)
+    if config.batch_size % len(devices):
+        raise SetupError(
+            f"batch_size {config.batch_size} is not divisible by the {len(devices)} devices"
+        )
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    put = functools.partial(jax.device_put, device=NamedSharding(mesh, P()))
+    num_train = len(dataset.train_labels)
+    full_batches, remainder = _epoch_batches(config.batch_size, num_train, len(devices))
+    log.info("setting up %s and %s", config.model, config.opt)
+    start = time.perf_counter()
+    model, params, stats = init_model(config, dataset.num_classes)
+    setup = make_optimizer(config, full_batches + (1 if remainder else 0))
+    opt_state = setup.optimizer.init(params)
+    log.info(
+        "set up %s (%s parameters in %d arrays) and %s in %.1f s",
+        config.model,
+        f"{sum(leaf.size for leaf in jax.tree.leaves(params)):,}",
+        len(jax.tree.leaves(params)),
+        config.opt,
+        time.perf_counter() - start,
+    )
+    train_chunk, evaluate = _make_steps(model, setup.optimizer, NamedSharding(mesh, P("data")))
+    test = (dataset.test_images, dataset.test_labels, config.eval_batch_size, len(devices))
+    shuffle_key, aug_key = jax.random.split(jax.random.key(config.seed + 1))
+    run = _Run(
+        config=config,
+        workdir=workdir,
+        setup=setup,
+        train_chunk=train_chunk,
+        evaluate=evaluate,
+        put=put,
+        train_data=put({"images": dataset.train_images, "labels": dataset.train_labels}),
+        eval_data=put(_eval_batches(*test)),
+        shuffle_key=shuffle_key,
+        aug_key=aug_key,
+        num_train=num_train,
+        num_test=len(dataset.test_labels),
+        full_batches=full_batches,
+        remainder=remainder,
+        chunk_steps=config.chunk_steps or (1 if devices[0].platform == "cpu" else 100),
+        max_loss=_max_loss(config.max_train_loss, dataset.num_classes),
+    )
+    # Placed (replicated over every device of every process) before restoring, so that
+    # Orbax restores into the same global arrays the training step uses.
+    return run, put({"params": params, "batch_stats": stats, "opt_state": opt_state})
+
+
+def _max_loss(max_train_loss: float | None, num_classes: int) -> float:
+    """The divergence bound: by default 1000 times the loss of a uniform prediction, far
+    above any loss of a run that learns (0: no bound)."""
+    if max_train_loss is None:
+        return 1000 * math.log(num_classes)
+    return max_train_loss or math.inf
+
+
+def _epoch_batches(batch_size: int, num_train: int, num_devices: int) -> tuple[int, int]:
+    """The full batches of an epoch and the images of its partial last batch (0 when the
+    device count does not divide them: that batch is dropped)."""
+    full_batches, remainder = divmod(num_train, batch_size)
+    if remainder % num_devices:
+        log.warning("dropping the last partial batch (%d images) of every epoch", remainder)
+        remainder = 0
+    if full_batches == 0 and remainder == 0:
+        raise SetupError(f"{num_train} training images are fewer than one batch")
+    return full_batches, remainder
+
+
+def _resume(
+    run: _Run, checkpointer: Checkpointer, metrics: Any, state: dict
+) -> tuple[int, tuple[Any, ...]]:
+    """Restores the latest checkpoint into ``state`` and drops the records written after it;
+    returns its epoch (0 without one) and the loop's carry (params, stats, opt state)."""
+    start_epoch = 0
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        start_epoch, state = restored
+        log.info("resumed from the checkpoint of epoch %d in %s", start_epoch, run.workdir)
+
+    def write() -> None:
+        # The configuration only once the data loaded: a typo must not pin the run.
+        _write_config(run.workdir, run.config)
         partial = [r["epoch"] for r in metrics.records() if not r["complete"]]
         if partial and partial[-1] > start_epoch:
             log.info(
                 "epoch %d stopped part-way last time (--max-steps) and starts again", partial[-1]
             )
         metrics.keep_epochs_up_to(start_epoch)
-        if primary:
-            metrics_lib.keep_rates_up_to(workdir, start_epoch)
-        carry = (state["params"], state["batch_stats"], state["opt_state"])
-        step = start_epoch * steps_per_epoch
-        saved_epoch = start_epoch
-        compiled = False
+        metrics_lib.keep_rates_up_to(run.workdir, start_epoch)
 
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            if config.max_steps is not None and step >= config.max_steps:
-                break
-            epoch_steps = steps_per_epoch
-            if config.max_steps is not None:
-                epoch_steps = min(epoch_steps, config.max_steps - step)
-            start_time = time.perf_counter()
-            permutation = np.asarray(
-                jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), num_train)
-            )
-            # Loss, correct and image counts of the epoch; a fresh buffer, as chunks donate it.
-            carry = carry[:3] + (put(np.zeros(3, np.float32)),)
-            interval_s = math.inf if multiprocess else 60.0
-            with _EpochProgress(epoch, epoch_steps, step, interval_s=interval_s) as progress:
-                done = 0
-                stop = interrupt.requested and not multiprocess
-                while done < epoch_steps:
-                    if stop:
-                        raise TrainingInterrupted(
-                            f"interrupted at epoch {epoch} step {step + done}; run the same "
-                            f"command to resume from epoch {saved_epoch + 1}"
-                        )
-                    # Full batches go through chunks of `chunk_steps`; the partial batch alone.
-                    if done < full_batches:
-                        size = min(chunk_steps, full_batches - done, epoch_steps - done)
-                        batch = config.batch_size
-                        idx = permutation[done * batch : (done + size) * batch]
-                        idx = idx.reshape(size, batch)
-                    else:
-                        size = 1
-                        idx = permutation[full_batches * config.batch_size :][:remainder][None]
-                    steps = np.arange(step + done, step + done + size, dtype=np.int32)
-                    if not compiled:
-                        log.info("compiling the training step")
-                        compile_start = time.perf_counter()
-                    carry = train_chunk(carry, put(idx), put(steps), train_data, aug_key)
-                    if not compiled:
-                        jax.block_until_ready(carry)
-                        log.info(
-                            "compiled and ran the first training step(s) in %.1f s",
-                            time.perf_counter() - compile_start,
-                        )
-                        compiled = True
-                    done += size
-                    checked = progress.update(size, done, carry[3], carry[2])
-                    # With several processes, all stop on the same step: they agree on
-                    # Ctrl-C at the progress checks, which every process makes on the same steps.
-                    if not multiprocess:
-                        stop = interrupt.requested
-                    elif checked:
-                        stop = _any_process(interrupt.requested)
-            step += epoch_steps
-            params, stats, opt_state, train_totals = carry
-            train_loss, train_correct, train_count = np.asarray(train_totals)
-            train_time = time.perf_counter() - start_time
-            _check_finite(float(train_loss / train_count), epoch, step)
-            log.info("evaluating on %d test images", len(dataset.test_labels))
-            eval_start = time.perf_counter()
-            test_loss, test_correct = np.asarray(evaluate(params, stats, *eval_data))
-            eval_time = time.perf_counter() - eval_start
-            num_test = len(dataset.test_labels)
-            complete = epoch_steps == steps_per_epoch
-            # One host transfer for every switch test (none without SWATS); it also counts
-            # the switched arrays.
-            switch_tests = swats_jax.switch_diagnostics(opt_state)
-            record = {
-                "epoch": epoch,
-                "step": step,
-                "train_loss": float(train_loss / train_count),
-                "train_accuracy": float(train_correct / train_count),
-                "test_loss": float(test_loss / num_test),
-                "test_accuracy": float(test_correct / num_test),
-                "learning_rate": _rounded(setup.learning_rate(step - 1)),
-                "sgd_scale": _rounded(setup.sgd_scale(step - 1)),
-                "num_switched": sum(test.phase == "sgd" for test in switch_tests),
-                "epoch_time_s": round(train_time, 3),
-                "images_per_s": round(float(train_count) / train_time, 1),
-                "complete": complete,
-            }
-            if multiprocess:
-                _check_replicas_agree(params, epoch)
-            metrics.append(record)
-            if primary and config.opt.startswith("swats"):
-                metrics_lib.write_switch_table(workdir, swats_jax.switch_events(opt_state))
-                metrics_lib.append_rates(workdir, epoch, switch_tests)
-            if complete:
-                checkpointer.save(
-                    epoch, {"params": params, "batch_stats": stats, "opt_state": opt_state}
+    _write_together(run, write)
+    return start_epoch, (state["params"], state["batch_stats"], state["opt_state"])
+
+
+def _write_together(run: _Run, write: Callable[[], None]) -> None:
+    """Runs ``write`` in process 0, which writes the run's files. With several processes,
+    they then agree on whether it failed (a collective): an error there (a full disk, a
+    file it cannot write) stops every process with the same message, rather than leaving
+    the others waiting in their next collective until the coordination service times out."""
+    if not run.multiprocess:
+        write()
+        return
+    error = None
+    if run.primary:
+        try:
+            write()
+        except Exception as err:  # whatever it is, the other processes must hear of it
+            error = err
+    message = _shared_failure(error)
+    if message is not None:
+        raise ProcessFailedError(message) from error
+
+
+def _shared_failure(error: Exception | None, size: int = 1024) -> str | None:
+    """The description of the first process's error, in every process (a collective);
+    None when no process had one."""
+    from jax.experimental import multihost_utils
+
+    text = b"" if error is None else describe_error(error).encode()[: size - 1]
+    mine = np.zeros(size, np.uint8)
+    mine[0] = error is not None
+    mine[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
+    for index, row in enumerate(np.asarray(multihost_utils.process_allgather(mine))):
+        if row[0]:
+            return f"process {index}: " + bytes(row[1:]).rstrip(b"\0").decode(errors="replace")
+    return None
+
+
+def describe_error(error: BaseException) -> str:
+    """The one line the command line prints for ``error``: an ``OSError``'s reason and
+    file (``No space left on device (runs/x/metrics.jsonl.tmp)``), else its message."""
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or error}{where}"
+    return str(error)
+
+
+def _train_epoch(
+    run: _Run,
+    carry: tuple[Any, ...],
+    epoch: int,
+    first_step: int,
+    epoch_steps: int,
+    interrupt: _InterruptFlag,
+    saved_epoch: int,
+    compiled: set[tuple[int, ...]],
+) -> tuple[tuple[Any, ...], np.ndarray, _EpochTime]:
+    """Runs the training steps of ``epoch``, chunk by chunk, with its progress display;
+    stops at a chunk boundary on Ctrl-C. Returns the carry, the epoch's loss, correct and
+    image counts (on the host) and where its time went."""
+    # Loss, correct and image counts of the epoch; a fresh buffer, as chunks donate it.
+    carry = carry[:3] + (run.put(np.zeros(3, np.float32)),)
+    chunks = run.chunks(epoch, epoch_steps)
+    timing = _EpochTime()
+    interval_s = math.inf if run.multiprocess else 60.0
+    progress = _EpochProgress(
+        epoch, epoch_steps, first_step, timing, max_loss=run.max_loss, interval_s=interval_s
+    )
+    with progress:
+        done = 0
+        stop = interrupt.requested and not run.multiprocess
+        for indices in chunks:
+            if stop:
+                raise TrainingInterrupted(
+                    f"interrupted at epoch {epoch} step {first_step + done}; run the same "
+                    f"command to resume from epoch {saved_epoch + 1}"
                 )
-                saved_epoch = epoch
-            log.info(
-                "epoch %d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %.0f images/s, "
-                "%d arrays switched%s, evaluated in %.1f s",
-                epoch,
-                record["train_loss"],
-                record["train_accuracy"],
-                record["test_loss"],
-                record["test_accuracy"],
-                record["images_per_s"],
-                record["num_switched"],
-                _adam_gap_summary(switch_tests),
-                eval_time,
-            )
-            if not complete:
-                log.warning(
-                    "stopped by --max-steps at step %d, inside epoch %d: a partial epoch is "
-                    "not checkpointed, so the same command restarts epoch %d from %s",
-                    step,
-                    epoch,
-                    epoch,
-                    f"the checkpoint of epoch {saved_epoch}" if saved_epoch else "scratch",
-                )
-    records = metrics.records()
-    if primary:
-        _plot(workdir)
-    return records
+            steps = np.arange(first_step + done, first_step + done + len(indices), dtype=np.int32)
+            carry = _run_chunk(run, carry, indices, steps, compiled, timing)
+            done += len(indices)
+            checked = progress.update(len(indices), done, carry[3], carry[2])
+            # With several processes, all stop on the same step: they agree on Ctrl-C at
+            # the progress checks, which every process makes on the same steps.
+            if not run.multiprocess:
+                stop = interrupt.requested
+            elif checked:
+                stop = _any_process(interrupt.requested)
+    totals = np.asarray(carry[3])
+    _check_loss(float(totals[0] / totals[2]), run.max_loss, epoch, first_step + epoch_steps)
+    return carry, totals, timing
+
+
+def _run_chunk(
+    run: _Run,
+    carry: tuple[Any, ...],
+    indices: np.ndarray,
+    steps: np.ndarray,
+    compiled: set[tuple[int, ...]],
+    timing: _EpochTime,
+) -> tuple[Any, ...]:
+    """One dispatch of the training steps of ``indices``. A chunk of a shape not seen yet
+    compiles a program: it runs alone (the steps before it finished), with a log line and
+    its time, which ``timing`` keeps apart from the steps'."""
+    if indices.shape in compiled:
+        return run.train_chunk(carry, run.put(indices), run.put(steps), *run.inputs)
+    jax.block_until_ready(carry)
+    if not compiled:
+        log.info("compiling the training step")
+    elif indices.shape[1] < run.config.batch_size:
+        log.info("compiling the training step of the last, partial batch (%d images)", indices.size)
+    else:
+        log.info("compiling the training step for chunks of %d steps", len(indices))
+    start = time.perf_counter()
+    carry = run.train_chunk(carry, run.put(indices), run.put(steps), *run.inputs)
+    jax.block_until_ready(carry)
+    elapsed = time.perf_counter() - start
+    what = "the first training step(s)" if not compiled else "it"
+    log.info("compiled and ran %s in %.1f s", what, elapsed)
+    compiled.add(indices.shape)
+    timing.compile_s += elapsed
+    timing.compile_images += indices.size
+    return carry
+
+
+def _evaluate_epoch(
+    run: _Run,
+    carry: tuple[Any, ...],
+    epoch: int,
+    step: int,
+    epoch_steps: int,
+    totals: np.ndarray,
+    timing: _EpochTime,
+) -> tuple[dict[str, Any], list[swats_jax.SwitchDiagnostic], float]:
+    """Evaluates on the test set; returns the epoch's metrics record, the switch tests of
+    a SWATS run (none otherwise) and the evaluation time."""
+    params, stats, opt_state, _ = carry
+    train_loss, train_correct, train_count = totals
+    images_per_s = timing.images_per_s(train_count)
+    train_time = time.perf_counter() - timing.start
+    log.info("evaluating on %d test images", run.num_test)
+    eval_start = time.perf_counter()
+    test_loss, test_correct = np.asarray(run.evaluate(params, stats, *run.eval_data))
+    eval_time = time.perf_counter() - eval_start
+    # One host transfer for every switch test (none without SWATS); it also counts the
+    # switched arrays.
+    switch_tests = _without_empty_gaps(swats_jax.switch_diagnostics(opt_state))
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": float(train_loss / train_count),
+        "train_accuracy": float(train_correct / train_count),
+        "test_loss": float(test_loss / run.num_test),
+        "test_accuracy": float(test_correct / run.num_test),
+        "learning_rate": _rounded(run.setup.learning_rate(step - 1)),
+        "sgd_scale": _rounded(run.setup.sgd_scale(step - 1)),
+        "num_switched": sum(test.phase == "sgd" for test in switch_tests),
+        "epoch_time_s": round(train_time, 3),
+        "images_per_s": None if images_per_s is None else round(float(images_per_s), 1),
+        "complete": epoch_steps == run.steps_per_epoch,
+    }
+    return record, switch_tests, eval_time
+
+
+def _end_epoch(
+    run: _Run,
+    checkpointer: Checkpointer,
+    metrics: Any,
+    carry: tuple[Any, ...],
+    record: dict[str, Any],
+    switch_tests: list[swats_jax.SwitchDiagnostic],
+) -> bool:
+    """Writes what an epoch leaves: its metrics record, the switch table and tests of a
+    SWATS run and, for a complete epoch, its checkpoint. Returns whether it saved one."""
+    params, stats, opt_state, _ = carry
+    epoch = record["epoch"]
+    if run.multiprocess:
+        _check_replicas_agree(params, epoch)
+
+    def write() -> None:
+        metrics.append(record)
+        if run.setup.switches:
+            metrics_lib.write_switch_table(run.workdir, swats_jax.switch_events(opt_state))
+            metrics_lib.append_rates(run.workdir, epoch, switch_tests)
+
+    _write_together(run, write)
+    if not record["complete"]:
+        return False
+    checkpointer.save(epoch, {"params": params, "batch_stats": stats, "opt_state": opt_state})
+    return True
+
+
+def _log_epoch(
+    record: dict[str, Any],
+    switch_tests: list[swats_jax.SwitchDiagnostic],
+    eval_time: float,
+    saved_epoch: int,
+) -> None:
+    log.info(
+        "epoch %d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %s images/s, "
+        "%d arrays switched%s, evaluated in %.1f s",
+        record["epoch"],
+        record["train_loss"],
+        record["train_accuracy"],
+        record["test_loss"],
+        record["test_accuracy"],
+        _rate(record["images_per_s"]),
+        record["num_switched"],
+        _adam_gap_summary(switch_tests),
+        eval_time,
+    )
+    if not record["complete"]:
+        epoch = record["epoch"]
+        log.warning(
+            "stopped by --max-steps at step %d, inside epoch %d: a partial epoch is not "
+            "checkpointed, so the same command restarts epoch %d from %s",
+            record["step"],
+            epoch,
+            epoch,
+            f"the checkpoint of epoch {saved_epoch}" if saved_epoch else "scratch",
+        )
+
+
+def _without_empty_gaps(
+    tests: list[swats_jax.SwitchDiagnostic],
+) -> list[swats_jax.SwitchDiagnostic]:
+    """The switch tests, with NaN gaps for the arrays in Adam whose estimate equals their
+    gamma exactly: the first step's test, which compares gamma with itself, is then still
+    the last that ran (later ones were skipped, as after a diverging step), and its gap of
+    0 would read as "about to switch"."""
+    return [
+        test._replace(absolute_gap=math.nan, relative_gap=math.nan)
+        if test.phase == "adam" and test.absolute_gap == 0
+        else test
+        for test in tests
+    ]
 
 
 def _adam_gap_summary(tests: list[swats_jax.SwitchDiagnostic]) -> str:
