@@ -72,7 +72,8 @@ class BatchNorm(nnx.BatchNorm):
     In training mode the output is Flax's (normalised with the biased batch variance, as
     PyTorch does too), and the running mean is Flax's; the running variance moves towards
     the unbiased batch variance, ``n / (n - 1)`` times the biased one, ``n`` being the
-    number of values per channel (batch x height x width). Masks are not supported.
+    number of values per channel (batch x height x width; with n = 1, where PyTorch
+    raises, the biased one). Masks are not supported.
     """
 
     def __call__(
