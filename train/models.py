@@ -7,12 +7,13 @@ HWIO instead of OIHW, and images are NHWC).
 
 Initialisation is PyTorch's default: conv and linear weights and the linear bias
 are drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BatchNorm starts at scale 1,
-bias 0 and uses PyTorch's momentum 0.1 (Flax ``momentum=0.9``) and eps 1e-5. One
-difference remains: Flax updates the running variance with the biased batch
-variance, PyTorch with the unbiased one.
+bias 0 and uses PyTorch's momentum 0.1 (Flax ``momentum=0.9``) and eps 1e-5, and its
+running variance follows PyTorch's: it is updated with the unbiased batch variance
+(``BatchNorm`` below), where Flax's uses the biased one.
 
 ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters and BatchNorm
-statistics stay float32 and the logits are returned as float32.
+statistics stay float32 and the logits are returned in float32 (float64 when computing
+in float64).
 
 Switch BatchNorm between batch and running statistics with ``model.train()`` and
 ``model.eval()``, or get an evaluation view sharing the same arrays with
@@ -65,10 +66,43 @@ def _conv(
     )
 
 
-def _batch_norm(num_features: int, *, dtype: DTypeLike, rngs: nnx.Rngs) -> nnx.BatchNorm:
+class BatchNorm(nnx.BatchNorm):
+    """Flax's BatchNorm whose running variance is updated as PyTorch's is.
+
+    In training mode the output is Flax's (normalised with the biased batch variance, as
+    PyTorch does too), and the running mean is Flax's; the running variance moves towards
+    the unbiased batch variance, ``n / (n - 1)`` times the biased one, ``n`` being the
+    number of values per channel (batch x height x width; with n = 1, where PyTorch
+    raises, the biased one). Masks are not supported.
+    """
+
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *, mask: None = None
+    ) -> jax.Array:
+        if mask is not None:
+            raise NotImplementedError("BatchNorm with a mask")
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        previous = self.var[...]
+        y = super().__call__(x, use_running_average)
+        if not use_running_average:
+            axes = tuple(range(x.ndim - 1))
+            stats_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
+            x = jnp.asarray(x, stats_dtype)
+            # The same two-pass variance as Flax's (use_fast_variance=False).
+            variance = jnp.mean(jnp.square(x - jnp.mean(x, axes, keepdims=True)), axes)
+            n = math.prod(x.shape[:-1])
+            unbiased = variance * (n / max(n - 1, 1))
+            self.var[...] = jax.lax.stop_gradient(
+                self.momentum * previous + (1 - self.momentum) * unbiased
+            ).astype(previous.dtype)
+        return y
+
+
+def _batch_norm(num_features: int, *, dtype: DTypeLike, rngs: nnx.Rngs) -> BatchNorm:
     # Two-pass variance, as PyTorch computes it: E[x^2] - E[x]^2 cancels catastrophically
     # in float32 when a channel's mean is large next to its spread.
-    return nnx.BatchNorm(
+    return BatchNorm(
         num_features,
         momentum=0.9,
         epsilon=1e-5,
@@ -87,6 +121,11 @@ def _linear(in_features: int, out_features: int, *, dtype: DTypeLike, rngs: nnx.
         dtype=dtype,
         rngs=rngs,
     )
+
+
+def _logits(x: jax.Array) -> jax.Array:
+    """Logits in float32 at least: a bfloat16 model's are widened, a float64 one's kept."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 class Projection(nnx.Module):
@@ -168,7 +207,7 @@ class ResNet(nnx.Module):
                 x = block(x)
         # kuangliu's 4x4 average pool covers the whole 4x4 map of a 32x32 input.
         x = jnp.mean(x, axis=(1, 2))
-        return self.linear(x).astype(jnp.float32)
+        return _logits(self.linear(x))
 
 
 def ResNet18(
@@ -266,7 +305,7 @@ class DenseNet(nnx.Module):
             if stage < self.num_stages:
                 x = getattr(self, f"trans{stage}")(x)
         x = jnp.mean(nnx.relu(self.bn(x)), axis=(1, 2))
-        return self.linear(x).astype(jnp.float32)
+        return _logits(self.linear(x))
 
 
 def DenseNet121(

@@ -1,7 +1,8 @@
 """On-device image preprocessing, run inside the jitted training and evaluation steps.
 
 ``augment`` (random crop with zero padding 4 and horizontal flip, then normalisation)
-for training, ``preprocess_eval`` (normalisation only) for evaluation.
+for training, ``preprocess_eval`` (normalisation only) for evaluation. ``augment`` is
+``random_crops`` (the draws) applied by ``crop_and_flip``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def augment(key: jax.Array, images: jax.Array, *, padding: int = 4) -> jax.Array
 
     As torchvision's ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip()``: the
     padding is black in pixel space, before normalisation. Every image gets its own
-    offset and flip; jit-compatible.
+    offset and flip (``random_crops``, applied by ``crop_and_flip``); jit-compatible.
 
     Args:
       key: PRNG key.
@@ -29,17 +30,36 @@ def augment(key: jax.Array, images: jax.Array, *, padding: int = 4) -> jax.Array
     Returns:
       float32 [B, H, W, C], normalised with ``MEAN`` and ``STD``.
     """
-    batch, height, width, channels = images.shape
+    offsets, flips = random_crops(key, images.shape[0], padding=padding)
+    return preprocess_eval(crop_and_flip(images, offsets, flips, padding=padding))
+
+
+def random_crops(key: jax.Array, batch: int, *, padding: int = 4) -> tuple[jax.Array, jax.Array]:
+    """Per image, the crop's (top, left) offset into the padded image, uniform on
+    ``0 ... 2 * padding`` each, and whether to flip it (probability 1/2).
+
+    Returns:
+      int32 offsets [batch, 2] and bool flips [batch].
+    """
     crop_key, flip_key = jax.random.split(key)
     offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * padding + 1)
     flips = jax.random.bernoulli(flip_key, 0.5, (batch,))
+    return offsets, flips
+
+
+def crop_and_flip(
+    images: jax.Array, offsets: jax.Array, flips: jax.Array, *, padding: int = 4
+) -> jax.Array:
+    """Pads ``images`` [B, H, W, C] with ``padding`` zeros on each side, crops each back to
+    H x W at its (top, left) ``offsets`` [B, 2], then mirrors left-right where ``flips`` [B]."""
+    batch, height, width, channels = images.shape
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
-    def crop_and_flip(image: jax.Array, offset: jax.Array, flip: jax.Array) -> jax.Array:
+    def one(image: jax.Array, offset: jax.Array, flip: jax.Array) -> jax.Array:
         crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
         return jnp.where(flip, crop[:, ::-1], crop)
 
-    return preprocess_eval(jax.vmap(crop_and_flip)(padded, offsets, flips))
+    return jax.vmap(one)(padded, offsets, flips)
 
 
 def preprocess_eval(images: jax.Array) -> jax.Array:

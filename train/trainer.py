@@ -138,8 +138,14 @@ def init_model(config: Config, num_classes: int) -> tuple[Model, dict, dict]:
     return template, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
-def _make_steps(model: Model, optimizer: optax.GradientTransformation, batch_sharding):
-    """The jitted functions of the loop: a chunk of training steps and the evaluation."""
+def _make_steps(
+    model: Model, optimizer: optax.GradientTransformation, batch_sharding, *, augment: bool = True
+):
+    """The jitted functions of the loop: a chunk of training steps and the evaluation.
+
+    ``augment=False`` trains on the images as they are, only normalised (the whole-step
+    tests compare the step with an independent implementation on fixed batches).
+    """
 
     def loss_fn(params, stats, images, labels):
         net = model.merge(params, stats)
@@ -154,7 +160,10 @@ def _make_steps(model: Model, optimizer: optax.GradientTransformation, batch_sha
         indices, step = step_input
         images = jax.lax.with_sharding_constraint(dataset["images"][indices], batch_sharding)
         labels = jax.lax.with_sharding_constraint(dataset["labels"][indices], batch_sharding)
-        images = data_lib.augment(jax.random.fold_in(aug_key, step), images)
+        if augment:
+            images = data_lib.augment(jax.random.fold_in(aug_key, step), images)
+        else:
+            images = data_lib.preprocess_eval(images)
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, stats, images, labels
         )
