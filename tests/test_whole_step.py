@@ -32,8 +32,7 @@ from train import models, trainer
 from train.preprocessing import preprocess_eval
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
-F = torch.nn.functional
+from torch_models import TorchDenseNet, TorchResNet18  # noqa: E402  (needs torch)
 
 IMAGE_SIZE = 16
 BATCH = 16
@@ -48,104 +47,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# --- The independent PyTorch models (NCHW, kuangliu/pytorch-cifar layout) ---------------
-
-
-class TorchBasicBlock(nn.Module):
-    def __init__(self, in_planes, planes, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class TorchResNet18(nn.Module):
-    def __init__(self, width, num_classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        in_planes = width
-        for stage in range(4):
-            planes = width * 2**stage
-            blocks = []
-            for stride in (1 if stage == 0 else 2, 1):
-                blocks.append(TorchBasicBlock(in_planes, planes, stride))
-                in_planes = planes
-            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
-        self.linear = nn.Linear(in_planes, num_classes)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.avg_pool2d(out, out.shape[-1])  # kuangliu's 4x4 pool on the 4x4 map
-        return self.linear(out.flatten(1))
-
-
-class TorchBottleneck(nn.Module):
-    def __init__(self, in_planes, growth_rate):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, 4 * growth_rate, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(4 * growth_rate)
-        self.conv2 = nn.Conv2d(4 * growth_rate, growth_rate, 3, padding=1, bias=False)
-
-    def forward(self, x):
-        out = self.conv1(F.relu(self.bn1(x)))
-        out = self.conv2(F.relu(self.bn2(out)))
-        return torch.cat([out, x], 1)
-
-
-class TorchTransition(nn.Module):
-    def __init__(self, in_planes, out_planes):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(in_planes)
-        self.conv = nn.Conv2d(in_planes, out_planes, 1, bias=False)
-
-    def forward(self, x):
-        return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
-
-
-class TorchDenseNet(nn.Module):
-    def __init__(self, nblocks, growth_rate, reduction=0.5, num_classes=10):
-        super().__init__()
-        planes = 2 * growth_rate
-        self.conv1 = nn.Conv2d(3, planes, 3, padding=1, bias=False)
-        self.nblocks = nblocks
-        for stage, size in enumerate(nblocks, start=1):
-            layers = []
-            for _ in range(size):
-                layers.append(TorchBottleneck(planes, growth_rate))
-                planes += growth_rate
-            setattr(self, f"dense{stage}", nn.Sequential(*layers))
-            if stage < len(nblocks):
-                out_planes = int(planes * reduction)
-                setattr(self, f"trans{stage}", TorchTransition(planes, out_planes))
-                planes = out_planes
-        self.bn = nn.BatchNorm2d(planes)
-        self.linear = nn.Linear(planes, num_classes)
-
-    def forward(self, x):
-        out = self.conv1(x)
-        for stage in range(1, len(self.nblocks) + 1):
-            out = getattr(self, f"dense{stage}")(out)
-            if stage < len(self.nblocks):
-                out = getattr(self, f"trans{stage}")(out)
-        out = F.relu(self.bn(out))
-        out = F.avg_pool2d(out, out.shape[-1])
-        return self.linear(out.flatten(1))
 
 
 # --- Moving arrays between the two layouts ----------------------------------------------
@@ -182,7 +83,7 @@ def _float64(tree):
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
 
-def _build(net: nnx.Module, torch_net: nn.Module):
+def _build(net: nnx.Module, torch_net: torch.nn.Module):
     """The Flax model split as the trainer holds it (float64 arrays), and the PyTorch model
     given the same parameters and running statistics."""
     graphdef, params, stats = nnx.split(net, nnx.Param, nnx.BatchStat)
@@ -252,7 +153,7 @@ def _torch_step(torch_net, images, labels):
     torch_net.train()
     torch_net.zero_grad()
     logits = torch_net(_torch_images(images))
-    loss = F.cross_entropy(logits, torch.from_numpy(labels).long())
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels).long())
     loss.backward()
     grads = {name: p.grad.numpy().copy() for name, p in torch_net.named_parameters()}
     return loss.item(), logits.detach().numpy(), grads
