@@ -270,9 +270,7 @@ def test_digests_cover_dtype_shape_and_bytes():
     assert array_digests(jax.tree.map(jnp.asarray, state)) == digests
 
 
-def test_a_checkpoint_without_its_digests_in_a_directory_with_digests_is_corrupt(
-    tmp_path, caplog
-):
+def test_a_checkpoint_without_its_digests_in_a_directory_with_digests_is_corrupt(tmp_path, caplog):
     # Deleting a checkpoint's metadata file deletes its digests: without the directory's
     # record that its checkpoints have them, it would restore unchecked.
     with Checkpointer(tmp_path) as checkpointer:
@@ -311,7 +309,7 @@ def test_a_failed_save_is_one_line_naming_the_epoch_and_directory(tmp_path, monk
     def fail(self, *args, **kwargs):
         raise ValueError(
             "OUT_OF_RANGE: Error writing \"d/abc\": File too large [os_error_code='27'] "
-            "[tensorstore_spec='{\"driver\": \"ocdbt\"}']"
+            '[tensorstore_spec=\'{"driver": "ocdbt"}\']'
         )
 
     with Checkpointer(tmp_path) as checkpointer:

@@ -13,7 +13,6 @@ import os
 import pathlib
 import pty
 import re
-import resource
 import signal
 import struct
 import subprocess
@@ -23,7 +22,6 @@ import time
 from unittest import mock
 
 import jax
-import orbax.checkpoint as ocp
 import pytest
 from helpers import TINY
 from test_data_fallback import official, offline, serve_official, tfds_online  # noqa: F401

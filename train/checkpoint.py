@@ -319,4 +319,3 @@ def _describe_save_error(error: Exception) -> str:
             break
         error = error.__cause__
     return _describe(error)
-
