@@ -51,6 +51,9 @@ def main() -> None:
         )
         with tempfile.TemporaryDirectory() as workdir:
             rate = train_and_evaluate(config, workdir)[-1]["images_per_s"]
+        if rate is None:  # only compiling steps ran: nothing timed
+            print(f"| {chunk} | - | - |", flush=True)
+            continue
         baseline = baseline or rate
         print(f"| {chunk} | {rate:.1f} | {rate / baseline:.2f}x |", flush=True)
 

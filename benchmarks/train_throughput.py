@@ -103,9 +103,11 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as workdir:
                 records = train_and_evaluate(config, workdir, dataset=dataset)
             last = records[-1]
+            rate = last["images_per_s"]  # None when only compiling steps ran
             print(
-                f"| trainer, {opt} | {dtype} | {last['images_per_s']:,.0f} | "
-                f"{last['images_per_s'] / bare:.2f}x | {records[0]['epoch_time_s']:.1f} | "
+                f"| trainer, {opt} | {dtype} | {'-' if rate is None else f'{rate:,.0f}'} | "
+                f"{'-' if rate is None else f'{rate / bare:.2f}x'} | "
+                f"{records[0]['epoch_time_s']:.1f} | "
                 f"{100 * last['test_accuracy']:.2f}% |",
                 flush=True,
             )

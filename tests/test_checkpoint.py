@@ -268,3 +268,62 @@ def test_digests_cover_dtype_shape_and_bytes():
     assert digests["a"] != digests["b"]  # same bytes, other shape
     assert array_digests({"a": np.zeros(4, np.int32)})["a"] != digests["a"]
     assert array_digests(jax.tree.map(jnp.asarray, state)) == digests
+
+
+def test_a_checkpoint_without_its_digests_in_a_directory_with_digests_is_corrupt(tmp_path, caplog):
+    # Deleting a checkpoint's metadata file deletes its digests: without the directory's
+    # record that its checkpoints have them, it would restore unchecked.
+    with Checkpointer(tmp_path) as checkpointer:
+        checkpointer.save(1, make_state(1))
+        checkpointer.save(2, make_state(2))
+    assert (tmp_path / "digests.json").exists()
+    (tmp_path / "2" / "_CHECKPOINT_METADATA").unlink()
+    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
+        with Checkpointer(tmp_path) as checkpointer:
+            epoch, restored = checkpointer.restore_latest(make_state())
+    assert epoch == 1
+    assert_bit_identical(restored, make_state(1))
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"]
+    assert warning.startswith(f"Skipping the checkpoint of epoch 2 ({tmp_path / '2'}), which ")
+    assert "its digests are missing" in warning
+
+
+def test_checkpoints_older_than_the_digests_restore_unchecked(tmp_path, caplog):
+    # A run of an earlier version, resumed by this one: its epoch 1 has no digests, its
+    # epoch 2 has; a fallback to epoch 1 restores it unchecked, without a second warning.
+    with Checkpointer(tmp_path) as checkpointer:
+        assert checkpointer._manager.save(1, args=ocp.args.StandardSave(make_state(1)))
+        checkpointer.save(2, make_state(2))
+    corrupt(tmp_path / "2", "garbage")
+    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
+        with Checkpointer(tmp_path) as checkpointer:
+            epoch, restored = checkpointer.restore_latest(make_state())
+    assert epoch == 1
+    assert_bit_identical(restored, make_state(1))
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"]
+    assert "epoch 2" in warning
+
+
+def test_a_failed_save_is_one_line_naming_the_epoch_and_directory(tmp_path, monkeypatch):
+    # TensorStore reports a full disk (or a file-size limit) as a ValueError.
+    def fail(self, *args, **kwargs):
+        raise ValueError(
+            "OUT_OF_RANGE: Error writing \"d/abc\": File too large [os_error_code='27'] "
+            '[tensorstore_spec=\'{"driver": "ocdbt"}\']'
+        )
+
+    with Checkpointer(tmp_path) as checkpointer:
+        checkpointer.save(1, make_state(1))
+        monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", fail)
+        with pytest.raises(CheckpointError) as error:
+            checkpointer.save(2, make_state(2))
+    message = str(error.value)
+    prefix = f"cannot save the checkpoint of epoch 2 in {tmp_path}: File too large (ValueError: "
+    assert message.startswith(prefix), message
+    assert "[os_error_code='27']" in message and "\n" not in message
+    assert "tensorstore_spec" not in message
+    monkeypatch.undo()
+    with Checkpointer(tmp_path) as checkpointer:
+        epoch, restored = checkpointer.restore_latest(make_state())
+    assert epoch == 1
+    assert_bit_identical(restored, make_state(1))

@@ -22,6 +22,7 @@ def record(epoch, *, complete=True):
         "sgd_scale": 0.1,
         "num_switched": epoch,
         "epoch_time_s": 1.234,
+        "compile_time_s": 0.5,
         "images_per_s": 1e5,
         "complete": complete,
     }
@@ -36,7 +37,7 @@ def test_log_appends_and_keeps_both_files_in_their_format(tmp_path):
     jsonl = (tmp_path / "metrics.jsonl").read_text()
     assert jsonl == "".join(json.dumps(record(e)) + "\n" for e in (1, 2))
     assert jsonl.startswith('{"epoch": 1, "step": 3, "train_loss": 0.3333333333333333, ')
-    row = "{},{},0.3333333333333333,0.5,2.0,0.25,0.001,0.1,{},1.234,100000.0,True\r\n"
+    row = "{},{},0.3333333333333333,0.5,2.0,0.25,0.001,0.1,{},1.234,0.5,100000.0,True\r\n"
     assert (tmp_path / "metrics.csv").read_bytes().decode() == (
         ",".join(metrics.METRICS_FIELDS) + "\r\n" + row.format(1, 3, 1) + row.format(2, 6, 2)
     )

@@ -164,12 +164,19 @@ def test_two_process_swats_local_trains_like_one_process_and_resumes_bit_exactly
     assert (two / "switches.csv").read_text() == table
 
 
-def test_an_error_of_process_0_stops_both_processes_with_the_same_line(tmp_path):
-    # Process 0 cannot write the switch table at the end of epoch 1 (a folder is in its
-    # way); process 1, which writes no files, must stop too, at once, with the same line
-    # and exit code, rather than wait in its next collective for the coordination timeout.
+@pytest.mark.parametrize(
+    "blocked",
+    [
+        "metrics.jsonl.tmp",  # the metrics, written at start-up and after each epoch
+        "switches.md",  # the switch table, written after epoch 1
+    ],
+)
+def test_an_error_of_process_0_stops_both_processes_with_the_same_line(tmp_path, blocked):
+    # Process 0 cannot write a file of the run (a folder is in its way); process 1, which
+    # writes no files, must stop too, at once, with the same line and exit code, rather
+    # than wait in its next collective for the coordination timeout.
     workdir = tmp_path / "run"
-    (workdir / "switches.md").mkdir(parents=True)
+    (workdir / blocked).mkdir(parents=True)
     flags = ["--opt=swats_local", "--synthetic-size", "64", "64", "--epochs=2"]
     start = time.perf_counter()
     codes, logs = _run_two_processes(workdir, tmp_path / "xla-cache", *flags)
@@ -179,7 +186,7 @@ def test_an_error_of_process_0_stops_both_processes_with_the_same_line(tmp_path)
     last_lines = [text.strip().splitlines()[-1] for text in texts]
     assert last_lines[0] == last_lines[1]
     assert last_lines[0] == (
-        f"python -m train.cifar: error: process 0: Is a directory ({workdir / 'switches.md'})"
+        f"python -m train.cifar: error: process 0: Is a directory ({workdir / blocked})"
     )
     assert elapsed < 120, elapsed  # the coordination service waits minutes
     assert "Traceback" not in texts[0] + texts[1]

@@ -9,8 +9,11 @@ Before restoring, each checkpoint's metadata (leaf paths, shapes and dtypes) is 
 with the target: Orbax would otherwise silently cast dtypes and drop leaves that the
 checkpoint lacks. Orbax stores no checksums either, so bytes flipped inside an array's data
 would restore without error: each save records a SHA-256 digest of every array (of its
-dtype, shape and bytes) in the checkpoint's metadata, and a restore checks them (checkpoints
-saved without digests, by earlier versions, restore unchecked). A checkpoint that cannot be
+dtype, shape and bytes) in the checkpoint's metadata, and a restore checks them. The first
+save with digests also writes ``digests.json`` in the directory, saying from which epoch
+the checkpoints have them: a checkpoint of that epoch or later without its digests (its
+metadata file deleted or lost) is corrupt, while checkpoints saved without digests, by
+earlier versions, restore unchecked. A checkpoint that cannot be
 read, does not match or fails its digests is reported and skipped for the one before it; if
 none can be restored, :class:`CheckpointError` says why rather than letting the run start
 over and overwrite the user's progress.
@@ -28,8 +31,10 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +53,16 @@ _MAX_ERROR_CHARS = 300
 _MAX_LISTED_PATHS = 5
 # The key of the per-array digests in a checkpoint's custom metadata.
 _DIGESTS = "sha256_by_array"
+# In the checkpoint directory: from which epoch its checkpoints have digests.
+_DIGESTS_MARKER = "digests.json"
+_DIGESTS_FROM = "digests_from_epoch"
+# How TensorStore's errors end when a write failed in the operating system.
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint directory holds checkpoints but none can be restored into the target."""
+    """A checkpoint directory holds checkpoints but none can be restored into the target,
+    or a checkpoint cannot be saved (a full disk, say)."""
 
 
 class Checkpointer:
@@ -100,12 +111,20 @@ class Checkpointer:
                 self._manager.delete(step)
         # The digests go into the checkpoint's own metadata, which Orbax writes before it
         # renames the finished checkpoint into place: a checkpoint has them or is not there.
-        saved = self._manager.save(
-            epoch,
-            args=ocp.args.StandardSave(state),
-            force=True,
-            custom_metadata={_DIGESTS: array_digests(state)},
-        )
+        digests = array_digests(state)
+        try:
+            self._mark_digests_from(epoch)
+            saved = self._manager.save(
+                epoch,
+                args=ocp.args.StandardSave(state),
+                force=True,
+                custom_metadata={_DIGESTS: digests},
+            )
+        except Exception as error:  # TensorStore's write errors are ValueErrors, not OSErrors
+            raise CheckpointError(
+                f"cannot save the checkpoint of epoch {epoch} in {self.directory}: "
+                f"{_describe_save_error(error)}"
+            ) from error
         if not saved:
             raise CheckpointError(f"Orbax did not save epoch {epoch} in {self.directory}.")
 
@@ -168,6 +187,12 @@ class Checkpointer:
             raise CheckpointError(f"it does not match the target: {mismatch}")
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
         saved = (self._manager.metadata(step).custom_metadata or {}).get(_DIGESTS)
+        digests_from = self._digests_from()
+        if saved is None and digests_from is not None and step >= digests_from:
+            raise CheckpointError(
+                f"its digests are missing, although the checkpoints of this directory have "
+                f"them from epoch {digests_from}: the checkpoint is corrupt"
+            )
         if saved is not None:  # None: saved before checkpoints had digests
             current = array_digests(restored)
             differing = sorted(
@@ -179,6 +204,30 @@ class Checkpointer:
                     f"{_some(differing)}: the checkpoint is corrupt"
                 )
         return restored
+
+    def _digests_from(self) -> int | None:
+        """The first epoch whose checkpoints have digests, from the marker; None without one
+        (a directory of an earlier version). A marker that cannot be read counts as epoch 0:
+        every checkpoint must then have its digests."""
+        path = self.directory / _DIGESTS_MARKER
+        try:
+            return int(json.loads(path.read_text())[_DIGESTS_FROM])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError):
+            return 0
+
+    def _mark_digests_from(self, epoch: int) -> None:
+        """Records (process 0) that the checkpoints from ``epoch`` on have digests, before
+        the first of them is saved (or one before the recorded epoch, after a fallback)."""
+        digests_from = self._digests_from()
+        if jax.process_index() != 0 or (digests_from is not None and digests_from <= epoch):
+            return
+        path = self.directory / _DIGESTS_MARKER
+        self.directory.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps({_DIGESTS_FROM: epoch}) + "\n")
+        os.replace(temporary, path)
 
 
 def array_digests(state: Any) -> dict[str, str]:
@@ -254,3 +303,19 @@ def _describe(error: Exception) -> str:
             break
         error = error.__cause__
     return one_line(error, limit=_MAX_ERROR_CHARS)
+
+
+def _describe_save_error(error: Exception) -> str:
+    """One line about a failed save. TensorStore reports a failed write (a full disk, a
+    file-size limit) as a ValueError whose message names every file of the write before its
+    reason, ``[os_error_code='28']``: the reason, as the system says it, comes first."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
+    for _ in range(10):
+        match = _OS_ERROR_CODE.search(str(error))
+        if match:
+            return f"{os.strerror(int(match[1]))} ({_describe(error)})"
+        if error.__cause__ is None:
+            break
+        error = error.__cause__
+    return _describe(error)

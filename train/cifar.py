@@ -139,32 +139,45 @@ def main(argv: list[str] | None = None) -> int:
         message = f"the trainer needs its extra: pip install '.[train]' (no module {err.name})"
         return _fail(parser.prog, message, EXIT_ERROR)
 
-    expected = (
-        DatasetError,
-        trainer.WorkdirError,
-        trainer.SetupError,
-        trainer.ReplicaMismatchError,
-        trainer.ConfigMismatchError,
-        CheckpointError,
-        trainer.MetricsError,
-        trainer.ProcessFailedError,
-    )
     announce = _once(lambda: _fail(parser.prog, INTERRUPTED, EXIT_INTERRUPTED, ""))
     try:
         with _second_interrupt_stops_at_once(announce):
             trainer.train_and_evaluate(config, args.workdir)
-    except expected as err:
-        return _fail(parser.prog, str(err), EXIT_ERROR)
-    except OSError as err:  # a full disk, a folder removed under the run, ...
-        return _fail(parser.prog, trainer.describe_error(err), EXIT_ERROR)
-    except trainer.NonFiniteLossError as err:
-        return _fail(parser.prog, str(err), EXIT_NON_FINITE)
-    except trainer.TrainingInterrupted as err:
-        return _fail(parser.prog, str(err), EXIT_INTERRUPTED, "")
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
         announce()
         return EXIT_INTERRUPTED
+    except Exception as err:
+        handled = _exit_status(err, trainer, (DatasetError, CheckpointError))
+        if handled is None:
+            raise
+        message, code, kind = handled
+        return _fail(parser.prog, message, code, kind)
     return 0
+
+
+def _exit_status(
+    error: Exception, trainer: typing.Any, expected: tuple[type[Exception], ...]
+) -> tuple[str, int, str] | None:
+    """The line (without the program's name), exit status and kind (``"error: "`` or
+    none) of an error of the trainer; None for an unexpected one (a bug: its traceback)."""
+    expected = (
+        *expected,
+        trainer.WorkdirError,
+        trainer.SetupError,
+        trainer.ReplicaMismatchError,
+        trainer.ConfigMismatchError,
+        trainer.MetricsError,
+        trainer.ProcessFailedError,
+    )
+    if isinstance(error, expected):
+        return str(error), EXIT_ERROR, "error: "
+    if isinstance(error, OSError):  # a full disk, a folder removed under the run, ...
+        return trainer.describe_error(error), EXIT_ERROR, "error: "
+    if isinstance(error, trainer.NonFiniteLossError):  # DivergedError included
+        return str(error), EXIT_NON_FINITE, "error: "
+    if isinstance(error, trainer.TrainingInterrupted):
+        return str(error), EXIT_INTERRUPTED, ""
+    return None
 
 
 def _once(function: typing.Callable[[], object]) -> typing.Callable[[], None]:
@@ -193,27 +206,30 @@ def _second_interrupt_stops_at_once(announce: typing.Callable[[], None]):
     if threading.current_thread() is not threading.main_thread():
         yield  # signals reach the main thread only
         return
-    reader, writer = socket.socketpair()
-    writer.setblocking(False)
-    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    with contextlib.ExitStack() as stack:
+        # Unwound in reverse: the wakeup fd restored, the writer closed (which ends the
+        # watcher), the watcher joined, the reader closed, even if a KeyboardInterrupt
+        # comes during one of them.
+        reader, writer = socket.socketpair()
+        stack.callback(reader.close)
+        stack.callback(writer.close)
+        writer.setblocking(False)
 
-    def watch() -> None:
-        count = 0
-        while data := reader.recv(64):  # empty once the writer is closed
-            count += data.count(signal.SIGINT)
-            if count >= 2:
-                announce()
-                os._exit(EXIT_INTERRUPTED)
+        def watch() -> None:
+            count = 0
+            while data := reader.recv(64):  # empty once the writer is closed
+                count += data.count(signal.SIGINT)
+                if count >= 2:
+                    announce()
+                    os._exit(EXIT_INTERRUPTED)
 
-    watcher = threading.Thread(target=watch, name="second-ctrl-c", daemon=True)
-    watcher.start()
-    try:
+        watcher = threading.Thread(target=watch, name="second-ctrl-c", daemon=True)
+        watcher.start()
+        stack.callback(watcher.join)
+        stack.callback(writer.shutdown, socket.SHUT_WR)  # recv in the watcher returns b""
+        previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        stack.callback(signal.set_wakeup_fd, previous)
         yield
-    finally:
-        signal.set_wakeup_fd(previous)
-        writer.close()
-        watcher.join()
-        reader.close()
 
 
 def _start_distributed(args: argparse.Namespace) -> int:

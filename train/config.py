@@ -159,7 +159,7 @@ class Config:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.max_train_loss is not None and self.max_train_loss < 0:
+        if self.max_train_loss is not None and not self.max_train_loss >= 0:  # NaN too
             raise ValueError(f"max_train_loss must be >= 0, got {self.max_train_loss}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")

@@ -19,6 +19,16 @@ _INTERNALS = re.compile(
 )
 
 
+def describe_error(error: BaseException, *, with_file: bool = True) -> str:
+    """The one line the command line prints for ``error``: an ``OSError``'s reason and
+    file (``No space left on device (runs/x/metrics.jsonl.tmp)``; the reason alone without
+    ``with_file``, for a message that names the file), else its message."""
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename and with_file else ""
+        return f"{error.strerror or error}{where}"
+    return str(error)
+
+
 def one_line(error: BaseException, *, limit: int = MAX_CHARS) -> str:
     """``"ErrorClass: first line of its message"``, without library internals, at most
     about ``limit`` characters (longer text is cut and ends with ``...``)."""

@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from train.messages import describe_error
+
 if TYPE_CHECKING:
     from swats_jax import SwitchDiagnostic, SwitchEvent
 
@@ -37,6 +39,7 @@ METRICS_FIELDS = (
     "sgd_scale",
     "num_switched",
     "epoch_time_s",
+    "compile_time_s",
     "images_per_s",
     "complete",
 )
@@ -64,7 +67,8 @@ def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     try:
         lines = path.read_text().splitlines()
     except OSError as error:
-        raise MetricsError(f"cannot read {path}: {error.strerror or error}") from error
+        reason = describe_error(error, with_file=False)
+        raise MetricsError(f"cannot read {path}: {reason}") from error
     while lines and not lines[-1].strip():
         lines.pop()
     records = []
@@ -168,7 +172,8 @@ def read_switch_table(workdir: str | os.PathLike[str]) -> list[tuple[str, int, f
         with path.open(newline="") as file:
             rows = list(csv.DictReader(file))
     except OSError as error:
-        raise MetricsError(f"cannot read {path}: {error.strerror or error}") from error
+        reason = describe_error(error, with_file=False)
+        raise MetricsError(f"cannot read {path}: {reason}") from error
     try:
         return [(row["layer"], int(row["step"]), float(row["sgd_lr"])) for row in rows]
     except (KeyError, TypeError, ValueError) as error:
@@ -218,7 +223,8 @@ def read_rates(
             header = next(reader, None)
             rows = list(reader)
     except OSError as error:
-        raise MetricsError(f"cannot read {path}: {error.strerror or error}") from error
+        reason = describe_error(error, with_file=False)
+        raise MetricsError(f"cannot read {path}: {reason}") from error
     if header is None or tuple(header) != RATES_FIELDS:
         raise MetricsError(f"{path}: expected the columns {','.join(RATES_FIELDS)}")
     parsed = []

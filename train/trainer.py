@@ -42,11 +42,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import swats_jax
+from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train import models
 from train.checkpoint import Checkpointer
 from train.config import MAY_CHANGE_ON_RESUME, Config, OptimizerSetup, make_optimizer
+from train.messages import describe_error as describe_error  # re-exported for train.cifar
 from train.metrics import MetricsError as MetricsError  # re-exported: train.cifar catches it
 
 log = logging.getLogger(__name__)
@@ -248,15 +250,15 @@ class _EpochTime:
     """Where an epoch's time went: the chunks that compiled a program (their time and
     images) apart, so that images/s counts the steps alone."""
 
-    start: float = dataclasses.field(default_factory=time.perf_counter)
+    start: float = dataclasses.field(default_factory=lambda: time.perf_counter())
     compile_s: float = 0.0
     compile_images: int = 0
 
-    def images_per_s(self, images: float) -> float | None:
-        """The rate of the ``images`` trained so far, the compiling chunks excluded; call
-        it once they are done. None when only compiling chunks ran."""
+    def images_per_s(self, images: float, now: float | None = None) -> float | None:
+        """The rate of the ``images`` trained by ``now`` (default: now), the compiling
+        chunks excluded; call it once they are done. None when only compiling chunks ran."""
         timed = images - self.compile_images
-        elapsed = time.perf_counter() - self.start - self.compile_s
+        elapsed = (time.perf_counter() if now is None else now) - self.start - self.compile_s
         return timed / elapsed if timed > 0 and elapsed > 0 else None
 
 
@@ -291,11 +293,8 @@ class _EpochProgress:
         self.next_report = self.every
         self.interval_s = interval_s
         self.last_report = time.perf_counter()
-        self.bar = self._redirect = None
-        if _terminal_shows_a_bar():
-            self._redirect = logging_redirect_tqdm()
-            self._redirect.__enter__()
-            self.bar = tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=True)
+        self.bar = None
+        self._stack = contextlib.ExitStack()
 
     def update(self, size: int, done: int, totals: jax.Array, opt_state: Any) -> bool:
         """Counts ``size`` more steps (``done`` in all); whether this was a check point."""
@@ -324,12 +323,18 @@ class _EpochProgress:
         return True
 
     def __enter__(self) -> _EpochProgress:
+        """Shows the bar, if the terminal can, and sends log lines above it until exit."""
+        if _terminal_shows_a_bar():
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(logging_redirect_tqdm())
+                bar = tqdm(total=self.total, desc=f"epoch {self.epoch}", unit="step", leave=True)
+                stack.callback(bar.close)
+                self._stack = stack.pop_all()
+            self.bar = bar
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self._redirect.__exit__(*exc_info)
+        self._stack.close()  # the bar closed, then the log lines back to their handlers
 
 
 def _terminal_shows_a_bar() -> bool:
@@ -405,11 +410,10 @@ def _check_replicas_agree(params: Any, epoch: int) -> None:
     """Stops a multi-process run whose processes no longer hold the same parameters."""
     from jax.experimental import multihost_utils
 
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        digest.update(np.asarray(leaf.addressable_shards[0].data).tobytes())
+    # One digest of the digests of every array (by path, in order), the same in every process.
+    digests = json.dumps(checkpoint_lib.array_digests(params), sort_keys=True).encode()
     try:
-        multihost_utils.assert_equal(np.frombuffer(digest.digest(), np.uint8))
+        multihost_utils.assert_equal(np.frombuffer(hashlib.sha256(digests).digest(), np.uint8))
     except AssertionError as err:
         raise ReplicaMismatchError(
             f"the processes hold different parameters after epoch {epoch}; check that every "
@@ -447,7 +451,8 @@ def _prepare_workdir(workdir: Path) -> Path | None:
         probe.unlink()
     except OSError as err:
         raise WorkdirError(
-            f"cannot write to the workdir {workdir}: {err.strerror or err}; use another --workdir"
+            f"cannot write to the workdir {workdir}: {describe_error(err, with_file=False)}; "
+            "use another --workdir"
         ) from err
     return created
 
@@ -475,8 +480,16 @@ def train_and_evaluate(
       WorkdirError: ``workdir`` is a file, or cannot be created or written to.
       ConfigMismatchError: ``workdir`` holds a run with another configuration.
       train.metrics.MetricsError: ``workdir`` holds a ``metrics.jsonl`` that cannot be read.
-      train.checkpoint.CheckpointError: checkpoints exist but none can be restored.
+      train.checkpoint.CheckpointError: checkpoints exist but none can be restored, or a
+        checkpoint cannot be saved (a full disk, say).
+      SetupError: the configuration cannot run on these devices or this data.
       NonFiniteLossError: the training loss became NaN or infinite (nothing of it is saved).
+      DivergedError: a NonFiniteLossError: the training loss rose above
+        ``config.max_train_loss`` (nothing of it is saved).
+      ReplicaMismatchError: the processes of a multi-process run hold different parameters.
+      ProcessFailedError: with several processes, process 0 failed writing the run's files
+        (every process raises it, with the same message).
+      OSError: a file of the run cannot be written (a full disk, say).
       TrainingInterrupted: Ctrl-C; the run stopped at a step boundary.
     """
     workdir = Path(workdir)
@@ -745,15 +758,6 @@ def _shared_failure(error: Exception | None, size: int = 1024) -> str | None:
     return None
 
 
-def describe_error(error: BaseException) -> str:
-    """The one line the command line prints for ``error``: an ``OSError``'s reason and
-    file (``No space left on device (runs/x/metrics.jsonl.tmp)``), else its message."""
-    if isinstance(error, OSError):
-        where = f" ({error.filename})" if error.filename else ""
-        return f"{error.strerror or error}{where}"
-    return str(error)
-
-
 def _train_epoch(
     run: _Run,
     carry: tuple[Any, ...],
@@ -844,8 +848,9 @@ def _evaluate_epoch(
     a SWATS run (none otherwise) and the evaluation time."""
     params, stats, opt_state, _ = carry
     train_loss, train_correct, train_count = totals
-    images_per_s = timing.images_per_s(train_count)
-    train_time = time.perf_counter() - timing.start
+    now = time.perf_counter()
+    images_per_s = timing.images_per_s(train_count, now)
+    train_time = now - timing.start
     log.info("evaluating on %d test images", run.num_test)
     eval_start = time.perf_counter()
     test_loss, test_correct = np.asarray(run.evaluate(params, stats, *run.eval_data))
@@ -864,6 +869,7 @@ def _evaluate_epoch(
         "sgd_scale": _rounded(run.setup.sgd_scale(step - 1)),
         "num_switched": sum(test.phase == "sgd" for test in switch_tests),
         "epoch_time_s": round(train_time, 3),
+        "compile_time_s": round(timing.compile_s, 3),
         "images_per_s": None if images_per_s is None else round(float(images_per_s), 1),
         "complete": epoch_steps == run.steps_per_epoch,
     }
