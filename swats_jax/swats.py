@@ -364,19 +364,20 @@ def _leaf_indices(num_leaves: int, count: jax.Array) -> tuple[jax.Array, ...]:
     scalars that XLA cannot see as constants.
 
     A leaf's kernels read its entries at this index. Were it a constant, XLA would fold it
-    into each leaf's kernels and compile one distinct kernel per leaf (a DenseNet-121 update
-    then compiles four times as many kernels). Returned by a conditional on a run-time value,
-    the indices reach the kernels as operands, so that leaves of one shape share their
-    compiled kernels. Both branches give the same indices for any ``count`` (the second
-    computes them in a way XLA does not fold to the first's, which would let it drop the
-    conditional; an optimization barrier is removed before fusion). The indices are made
-    here rather than kept in the state, so that nothing in the state can point a leaf at
-    another leaf's entries.
+    into each leaf's kernels and compile distinct kernels for every leaf (1,781 distinct fused
+    computations for a DenseNet-121 step instead of 481). Here each index comes out of one
+    variadic sort, as element 0 of a pair ``[i, i]`` sorted by keys made from ``count``: the
+    result is ``i`` whatever the keys' order, but XLA cannot fold a sort on run-time keys,
+    and a sort is not fused into its consumers, so every leaf's kernels read their index
+    from an operand at the same position, and leaves of one shape share their kernels. (An
+    ``optimization_barrier`` is removed before fusion; a conditional would make XLA:GPU read
+    its predicate on the host every step.) The indices are made here rather than kept in
+    the state, so that nothing in the state can point a leaf at another leaf's entries.
     """
-    indices = tuple(jnp.int32(i) for i in range(num_leaves))
-    return jax.lax.cond(
-        count >= 0, lambda: indices, lambda: tuple(i + count - count for i in indices)
-    )
+    keys = jnp.stack([count, count])
+    pairs = tuple(jnp.full([2], i, jnp.int32) for i in range(num_leaves))
+    _, *sorted_pairs = jax.lax.sort((keys, *pairs), num_keys=1)
+    return tuple(pair[0] for pair in sorted_pairs)
 
 
 # The per-leaf function is jitted: inside the optimizer's own jit it is traced and lowered
