@@ -16,31 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import STATE_OPTIMIZERS, SWATS, three_leaf_grads, three_leaf_params
 
 import swats_jax
-
-OPTIMIZERS = {
-    "optax.adam": lambda: optax.adam(1e-2),
-    "adabound": lambda: swats_jax.adabound(1e-2),
-    "swats_local": lambda: swats_jax.swats_local(1e-2, switch_tol=1e-3),
-    "swats_global": lambda: swats_jax.swats_global(1e-2),
-}
-SWATS = ("swats_local", "swats_global")
-
-
-def _params():
-    return {"w": jnp.linspace(-1.0, 1.0, 32).reshape(8, 4), "b": jnp.ones(4), "v": jnp.ones((4, 2))}
-
-
-def _grads(k, params):
-    # "b": a constant gradient (its switch test passes on step 2); "w", "v": changing ones.
-    return {"w": jnp.sin(k * params["w"]), "b": jnp.full(4, 0.3), "v": jnp.cos(k + params["v"])}
 
 
 def _run(opt, params, state, steps, first=1):
     update = jax.jit(opt.update)
     for k in range(first, first + steps):
-        updates, state = update(_grads(k, params), state, params)
+        updates, state = update(three_leaf_grads(k, params), state, params)
         params = optax.apply_updates(params, updates)
     return params, state
 
@@ -60,10 +44,10 @@ ZEROING = {
 
 
 @pytest.mark.parametrize("zeros", sorted(ZEROING))
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(STATE_OPTIMIZERS))
 def test_a_zeroed_state_trains_as_a_fresh_one(name, zeros):
-    opt = OPTIMIZERS[name]()
-    params = _params()
+    opt = STATE_OPTIMIZERS[name]()
+    params = three_leaf_params()
     _, trained = _run(opt, params, opt.init(params), 20)
     reset = ZEROING[zeros](trained)
     if name != "adabound":  # AdaBound's base_lr is 0 until the first step records it
@@ -76,13 +60,13 @@ def test_a_zeroed_state_trains_as_a_fresh_one(name, zeros):
         assert swats_jax.switch_events(reset_run[1]) == swats_jax.switch_events(fresh_run[1])
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(STATE_OPTIMIZERS))
 def test_tree_map_params_finds_only_the_moments(name):
     """Parameter-structured parts of the state are parameter-shaped: a map over them (the
     sharding and casting recipes) sees the moments, the rest is left to
     ``transform_non_params``."""
-    opt = OPTIMIZERS[name]()
-    params = _params()
+    opt = STATE_OPTIMIZERS[name]()
+    params = three_leaf_params()
     state = opt.init(params)
     seen = []
 
@@ -99,8 +83,8 @@ def test_tree_map_params_finds_only_the_moments(name):
 def test_moments_cast_through_tree_map_params_keep_training(name):
     """Casting the moments to bfloat16 (a memory-saving recipe) casts nothing else: the
     per-leaf vectors keep their dtypes, and the update keeps the moments' dtype."""
-    opt = OPTIMIZERS[name]()
-    params = _params()
+    opt = STATE_OPTIMIZERS[name]()
+    params = three_leaf_params()
     state = optax.tree_utils.tree_map_params(
         opt, lambda x: x.astype(jnp.bfloat16), opt.init(params)
     )
@@ -113,8 +97,8 @@ def test_moments_cast_through_tree_map_params_keep_training(name):
 
 
 def test_tree_get_and_tree_set_reach_the_per_leaf_vectors():
-    opt = OPTIMIZERS["swats_local"]()
-    params = _params()
+    opt = STATE_OPTIMIZERS["swats_local"]()
+    params = three_leaf_params()
     _, state = _run(opt, params, opt.init(params), 5)
     lam = optax.tree_utils.tree_get(state, "lam")
     np.testing.assert_array_equal(lam, state.per_leaf.lam)
@@ -126,8 +110,8 @@ def test_tree_get_and_tree_set_reach_the_per_leaf_vectors():
     "read", [swats_jax.switch_events, swats_jax.switch_diagnostics, swats_jax.num_switched]
 )
 def test_reading_the_switches_under_jit_says_to_call_outside(read):
-    opt = OPTIMIZERS["swats_local"]()
-    state = opt.init(_params())
+    opt = STATE_OPTIMIZERS["swats_local"]()
+    state = opt.init(three_leaf_params())
     with pytest.raises(ValueError, match="outside jit"):
         jax.jit(lambda s: read(s) and 0)(state)
 
@@ -138,8 +122,8 @@ def test_reading_the_switches_under_jit_says_to_call_outside(read):
 def test_a_state_restored_without_its_types_is_refused(read):
     """What a restore without a target returns: the NamedTuples as dicts of arrays. Reading
     it as if nothing had switched would be wrong in silence."""
-    opt = optax.chain(optax.clip_by_global_norm(1.0), OPTIMIZERS["swats_local"]())
-    params = _params()
+    opt = optax.chain(optax.clip_by_global_norm(1.0), STATE_OPTIMIZERS["swats_local"]())
+    params = three_leaf_params()
     _, state = _run(opt, params, opt.init(params), 5)
     assert swats_jax.num_switched(state) > 0
 
@@ -155,7 +139,7 @@ def test_a_state_restored_without_its_types_is_refused(read):
 
 
 def test_a_state_stripped_of_its_moments_is_refused_clearly():
-    state = OPTIMIZERS["swats_local"]().init(_params())
+    state = STATE_OPTIMIZERS["swats_local"]().init(three_leaf_params())
     with pytest.raises(ValueError, match="no first moments"):
         swats_jax.switch_events(state._replace(mu=None, nu=None))
 

@@ -12,18 +12,12 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from helpers import STATE_OPTIMIZERS, SWATS, three_leaf_grads, three_leaf_params
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import swats_jax
 
-OPTIMIZERS = {
-    "optax.adam": lambda: optax.adam(1e-2),
-    "adabound": lambda: swats_jax.adabound(1e-2),
-    "swats_local": lambda: swats_jax.swats_local(1e-2, switch_tol=1e-3),
-    "swats_global": lambda: swats_jax.swats_global(1e-2),
-}
-SWATS = ("swats_local", "swats_global")
 PARAM_SPECS = {"w": P("x", None), "b": P("x"), "v": P("x", None)}
 
 
@@ -39,19 +33,10 @@ def _shard(tree, specs, mesh):
     return jax.device_put(tree, shardings)
 
 
-def _params():
-    return {"w": jnp.linspace(-1.0, 1.0, 32).reshape(8, 4), "b": jnp.ones(4), "v": jnp.ones((4, 2))}
-
-
 def _train(opt, params, state, steps=12):
     @jax.jit
     def step(params, state, k):
-        grads = {
-            "w": jnp.sin(k * params["w"]),
-            "b": jnp.full(4, 0.3),
-            "v": jnp.cos(k + params["v"]),
-        }
-        updates, state = opt.update(grads, state, params)
+        updates, state = opt.update(three_leaf_grads(k, params), state, params)
         return optax.apply_updates(params, updates), state
 
     for k in range(1, steps + 1):
@@ -66,11 +51,11 @@ def _moments_and_params(opt, state, params):
     return pairs
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(STATE_OPTIMIZERS))
 def test_fsdp_recipe_shards_the_moments_like_the_parameters(name, mesh):
     """Optax's recipe: the state's specs from the parameters' with ``tree_map_params``."""
-    opt = OPTIMIZERS[name]()
-    params = _params()
+    opt = STATE_OPTIMIZERS[name]()
+    params = three_leaf_params()
     state = opt.init(params)
     specs = optax.tree_utils.tree_map_params(
         opt, lambda _, spec: spec, state, PARAM_SPECS, transform_non_params=lambda _: P()
@@ -140,11 +125,11 @@ def _nnx_run(tx, sharded: bool, steps: int = 5):
     return model, optimizer, losses
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(STATE_OPTIMIZERS))
 def test_nnx_sharded_model_trains_like_the_unsharded_one(name, mesh):
     with jax.set_mesh(mesh):
-        model, optimizer, losses = _nnx_run(OPTIMIZERS[name](), sharded=True)
-    _, _, single_losses = _nnx_run(OPTIMIZERS[name](), sharded=False)
+        model, optimizer, losses = _nnx_run(STATE_OPTIMIZERS[name](), sharded=True)
+    _, _, single_losses = _nnx_run(STATE_OPTIMIZERS[name](), sharded=False)
     np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
     params = nnx.state(model, nnx.Param)
     opt_state = nnx.as_pure(optimizer.opt_state)
@@ -156,10 +141,10 @@ def test_nnx_sharded_model_trains_like_the_unsharded_one(name, mesh):
     assert sum(param.sharding.spec != P() for _, param in pairs) == 2 * 3
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(STATE_OPTIMIZERS))
 def test_orbax_round_trip_keeps_values_and_shardings(name, mesh, tmp_path):
-    opt = OPTIMIZERS[name]()
-    params = _params()
+    opt = STATE_OPTIMIZERS[name]()
+    params = three_leaf_params()
     state = opt.init(params)
     specs = optax.tree_utils.tree_map_params(
         opt, lambda _, spec: spec, state, PARAM_SPECS, transform_non_params=lambda _: P()
