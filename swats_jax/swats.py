@@ -366,17 +366,18 @@ def _leaf_indices(num_leaves: int, count: jax.Array) -> tuple[jax.Array, ...]:
     A leaf's kernels read its entries at this index. Were it a constant, XLA would fold it
     into each leaf's kernels and compile distinct kernels for every leaf (1,781 distinct fused
     computations for a DenseNet-121 step instead of 481). Here each index comes out of one
-    variadic sort, as element 0 of a pair ``[i, i]`` sorted by keys made from ``count``: the
-    result is ``i`` whatever the keys' order, but XLA cannot fold a sort on run-time keys,
-    and a sort is not fused into its consumers, so every leaf's kernels read their index
+    variadic sort, as element 0 of a constant pair ``[i, n]`` sorted stably by two equal
+    keys made from ``count``: the order never changes, but XLA can neither fold a sort on
+    run-time keys nor fuse it into its consumers, so every leaf's kernels read their index
     from an operand at the same position, and leaves of one shape share their kernels. (An
     ``optimization_barrier`` is removed before fusion; a conditional would make XLA:GPU read
     its predicate on the host every step.) The indices are made here rather than kept in
     the state, so that nothing in the state can point a leaf at another leaf's entries.
     """
     keys = jnp.stack([count, count])
-    pairs = tuple(jnp.full([2], i, jnp.int32) for i in range(num_leaves))
-    _, *sorted_pairs = jax.lax.sort((keys, *pairs), num_keys=1)
+    # Constants that are not splats: XLA would materialise a splat with a kernel of its own.
+    pairs = tuple(np.array([i, num_leaves], np.int32) for i in range(num_leaves))
+    _, *sorted_pairs = jax.lax.sort((keys, *pairs), num_keys=1, is_stable=True)
     return tuple(pair[0] for pair in sorted_pairs)
 
 
