@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,9 @@ def pytorch_images_per_s(width: int, steps: int) -> float:
     """PyTorch's steady-state images/s for the same model, batch and optimizer."""
     import swats
     import torch
+
+    # pytorch-swats calls a deprecated overload of Tensor.add_ on every step.
+    warnings.filterwarnings("ignore", category=UserWarning, module="swats")
 
     sys.path.insert(0, str(ROOT / "tests"))
     from torch_models import TorchResNet18
