@@ -105,7 +105,9 @@ def test_cli_end_to_end_resnet18(tmp_path, capsys):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [4, 8]
     assert all(np.isfinite(r["train_loss"]) and 0 <= r["test_accuracy"] <= 1 for r in records)
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+    checkpoints = workdir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["1", "2"]
+    assert (checkpoints / "digests.json").is_file()  # from which epoch they have digests
     table = (workdir / "switches.csv").read_text().splitlines()
     assert table[0] == "layer,step,sgd_lr" and len(table) - 1 == records[-1]["num_switched"]
 
