@@ -201,27 +201,42 @@ def _truncate_largest_file(step_directory):
     largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("how", ["truncate", "garbage", "chunks"])
-def test_corrupt_checkpoint_warning_is_one_readable_line(tmp_path, caplog, how):
+def _state_with_a_large_array(seed):
     # An array above TensorStore's inline limit (1 KiB compressed) is stored as a chunk of its
     # own, in the largest file of the checkpoint.
-    def state(seed):
-        w = np.random.default_rng(seed).normal(size=(64, 64))
-        return {"params": make_state(seed)["params"], "w": jnp.asarray(w, jnp.float32)}
+    w = np.random.default_rng(seed).normal(size=(64, 64))
+    return {"params": make_state(seed)["params"], "w": jnp.asarray(w, jnp.float32)}
 
+
+def _restore_after_damaging_epoch_2(tmp_path, caplog, state, damage, save_epoch_1=None):
+    """Saves epochs 1 and 2 of ``state(epoch)`` (epoch 1 by ``save_epoch_1(checkpointer)``
+    when given), damages epoch 2 with ``damage(step_directory)`` and restores: the restore
+    must fall back to epoch 1, bit-exactly, with one warning, which it returns."""
     with Checkpointer(tmp_path) as checkpointer:
-        checkpointer.save(1, state(1))
+        if save_epoch_1 is None:
+            checkpointer.save(1, state(1))
+        else:
+            save_epoch_1(checkpointer)
         checkpointer.save(2, state(2))
-    if how == "chunks":
-        _truncate_largest_file(tmp_path / "2")
-    else:
-        corrupt(tmp_path / "2", how)
+    damage(tmp_path / "2")
     with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
         with Checkpointer(tmp_path) as checkpointer:
             epoch, restored = checkpointer.restore_latest(state(0))
     assert epoch == 1
     assert_bit_identical(restored, state(1))
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"]
+    return warning
+
+
+@pytest.mark.parametrize("how", ["truncate", "garbage", "chunks"])
+def test_corrupt_checkpoint_warning_is_one_readable_line(tmp_path, caplog, how):
+    def damage(step_directory):
+        if how == "chunks":
+            _truncate_largest_file(step_directory)
+        else:
+            corrupt(step_directory, how)
+
+    warning = _restore_after_damaging_epoch_2(tmp_path, caplog, _state_with_a_large_array, damage)
     assert warning.startswith(f"Skipping the checkpoint of epoch 2 ({tmp_path / '2'}), which ")
     assert "\n" not in warning and len(warning) < 500
     for internals in ("pybind11", "TensorStore(", "<bound method", "tensorstore_spec"):
@@ -229,22 +244,10 @@ def test_corrupt_checkpoint_warning_is_one_readable_line(tmp_path, caplog, how):
     assert "Error" in warning.split("cannot be restored: ")[1]  # the error's class
 
 
-def _state_with_a_large_array(seed):
-    w = np.random.default_rng(seed).normal(size=(64, 64))
-    return {"params": make_state(seed)["params"], "w": jnp.asarray(w, jnp.float32)}
-
-
 def test_a_flipped_byte_fails_the_digest_and_falls_back(tmp_path, caplog):
-    with Checkpointer(tmp_path) as checkpointer:
-        checkpointer.save(1, _state_with_a_large_array(1))
-        checkpointer.save(2, _state_with_a_large_array(2))
-    flip_a_byte_inside_an_array(tmp_path / "2")
-    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
-        with Checkpointer(tmp_path) as checkpointer:
-            epoch, restored = checkpointer.restore_latest(_state_with_a_large_array(0))
-    assert epoch == 1
-    assert_bit_identical(restored, _state_with_a_large_array(1))
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"]
+    warning = _restore_after_damaging_epoch_2(
+        tmp_path, caplog, _state_with_a_large_array, flip_a_byte_inside_an_array
+    )
     assert warning.startswith(f"Skipping the checkpoint of epoch 2 ({tmp_path / '2'}), which ")
     assert "1 arrays differ from the digests saved with them (w)" in warning
 
@@ -273,17 +276,11 @@ def test_digests_cover_dtype_shape_and_bytes():
 def test_a_checkpoint_without_its_digests_in_a_directory_with_digests_is_corrupt(tmp_path, caplog):
     # Deleting a checkpoint's metadata file deletes its digests: without the directory's
     # record that its checkpoints have them, it would restore unchecked.
-    with Checkpointer(tmp_path) as checkpointer:
-        checkpointer.save(1, make_state(1))
-        checkpointer.save(2, make_state(2))
-    assert (tmp_path / "digests.json").exists()
-    (tmp_path / "2" / "_CHECKPOINT_METADATA").unlink()
-    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
-        with Checkpointer(tmp_path) as checkpointer:
-            epoch, restored = checkpointer.restore_latest(make_state())
-    assert epoch == 1
-    assert_bit_identical(restored, make_state(1))
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"]
+    def damage(step_directory):
+        assert (tmp_path / "digests.json").exists()
+        (step_directory / "_CHECKPOINT_METADATA").unlink()
+
+    warning = _restore_after_damaging_epoch_2(tmp_path, caplog, make_state, damage)
     assert warning.startswith(f"Skipping the checkpoint of epoch 2 ({tmp_path / '2'}), which ")
     assert "its digests are missing" in warning
 
@@ -291,16 +288,16 @@ def test_a_checkpoint_without_its_digests_in_a_directory_with_digests_is_corrupt
 def test_checkpoints_older_than_the_digests_restore_unchecked(tmp_path, caplog):
     # A run of an earlier version, resumed by this one: its epoch 1 has no digests, its
     # epoch 2 has; a fallback to epoch 1 restores it unchecked, without a second warning.
-    with Checkpointer(tmp_path) as checkpointer:
+    def save_without_digests(checkpointer):
         assert checkpointer._manager.save(1, args=ocp.args.StandardSave(make_state(1)))
-        checkpointer.save(2, make_state(2))
-    corrupt(tmp_path / "2", "garbage")
-    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
-        with Checkpointer(tmp_path) as checkpointer:
-            epoch, restored = checkpointer.restore_latest(make_state())
-    assert epoch == 1
-    assert_bit_identical(restored, make_state(1))
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"]
+
+    warning = _restore_after_damaging_epoch_2(
+        tmp_path,
+        caplog,
+        make_state,
+        lambda step_directory: corrupt(step_directory, "garbage"),
+        save_epoch_1=save_without_digests,
+    )
     assert "epoch 2" in warning
 
 
