@@ -4,28 +4,47 @@ Run: ``XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python benchmarks/cpu_step_
 [--width 32]``.
 
 Times the forward pass and the forward and backward pass of the trainer's loss (ResNet-18,
-batch 128, float32, BatchNorm in training mode), then traces two forward-and-backward calls
-with ``jax.profiler`` and sums the XLA:CPU kernel events by name (``ynn_fusion.12`` counts
-as ``ynn_fusion``), as shares of the kernel time of all threads.
+batch 128, float32, BatchNorm in training mode) under the trainer's own XLA:CPU options
+(``train/xla_cpu.py``), then traces two forward-and-backward calls with ``jax.profiler`` and
+sums the XLA:CPU kernel events by name (``ynn_fusion.12`` counts as ``ynn_fusion``), as
+shares of the kernel time of all threads. Kernels that XLA:CPU hands to Eigen's own thread
+pool (its convolutions, under the trainer's options) are not traced.
+
+Last, the forward and backward pass with and without BatchNorm (every BatchNorm an identity:
+convolutions, ReLU, pooling and the linear layer remain), here and for the independent
+PyTorch ResNet-18 of ``tests/torch_models.py``: how the gap to PyTorch splits between the
+convolutions and the rest.
 """
 
 import argparse
 import collections
+import contextlib
+import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from jax._src.lib import _profile_data
+from train import xla_cpu
 
-from train import data as data_lib
-from train.config import Config
-from train.trainer import init_model
+xla_cpu.tune()  # before JAX computes anything: the trainer's own XLA:CPU options
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax._src.lib import _profile_data  # noqa: E402
+
+from train import data as data_lib  # noqa: E402
+from train import models  # noqa: E402
+from train.config import Config  # noqa: E402
+from train.trainer import init_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BATCH = 128
 
@@ -40,14 +59,18 @@ def _median_ms(fn, *args, repeats=3):
     return 1000 * statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--top", type=int, default=8)
-    args = parser.parse_args()
+class _NoNorm(nnx.Module):
+    """An identity in BatchNorm's place."""
 
-    config = Config(model="resnet18", width=args.width, batch_size=BATCH, data="synthetic")
-    model, params, stats = init_model(config, 10)
+    def __call__(self, x, use_running_average=None):
+        return x
+
+
+def _gradient(config: Config, without_batchnorm: bool = False):
+    """The jitted value-and-gradient of the trainer's loss, its arguments."""
+    no_norm = mock.patch.object(models, "_batch_norm", lambda *args, **kwargs: _NoNorm())
+    with no_norm if without_batchnorm else contextlib.nullcontext():
+        model, params, stats = init_model(config, 10)
     pixels = np.random.default_rng(0).integers(0, 255, (BATCH, 32, 32, 3), dtype=np.uint8)
     images = data_lib.preprocess_eval(jnp.asarray(pixels))
     labels = jnp.zeros(BATCH, jnp.int32)
@@ -57,8 +80,47 @@ def main() -> None:
         net.train()
         return optax.softmax_cross_entropy_with_integer_labels(net(images), labels).mean()
 
-    forward, gradient = jax.jit(loss_fn), jax.jit(jax.value_and_grad(loss_fn))
-    print(f"# ResNet-18 width {args.width}, batch {BATCH}, float32; jax {jax.__version__}")
+    return jax.jit(loss_fn), jax.jit(jax.value_and_grad(loss_fn)), (params, stats, images)
+
+
+def _pytorch_ms(width: int, without_batchnorm: bool) -> float:
+    """Forward and backward of the PyTorch ResNet-18, median ms of 4 after 2 warm-ups."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from torch_models import TorchResNet18
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    net = TorchResNet18(width)
+    if without_batchnorm:
+        for parent in list(net.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.BatchNorm2d):
+                    setattr(parent, name, torch.nn.Identity())
+    images, labels = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    times = []
+    for step in range(6):
+        start = time.perf_counter()
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(images), labels).backward()
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--top", type=int, default=8)
+    args = parser.parse_args()
+
+    config = Config(model="resnet18", width=args.width, batch_size=BATCH, data="synthetic")
+    forward, gradient, (params, stats, images) = _gradient(config)
+    print(
+        f"# ResNet-18 width {args.width}, batch {BATCH}, float32; jax {jax.__version__}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
+    )
     print(f"forward: {_median_ms(forward, params, stats, images):.0f} ms")
     print(f"forward and backward: {_median_ms(gradient, params, stats, images):.0f} ms")
 
@@ -86,6 +148,21 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for kind, ms in kernel_ms.most_common(args.top):
         print(f"| `{kind}` | {ms:.1f} | {100 * ms / total:.1f}% | {count[kind] // 2} |")
+
+    import torch
+
+    threads = os.cpu_count()
+    print(f"\nforward and backward, ms (median); torch {torch.__version__}, {threads} threads")
+    print("| | with BatchNorm | without BatchNorm |")
+    print("|---|---:|---:|")
+    jax_ms = []
+    for without in (False, True):
+        _, gradient, arguments = _gradient(config, without)
+        jax_ms.append(_median_ms(gradient, *arguments, repeats=4))
+    torch_ms = [_pytorch_ms(args.width, without) for without in (False, True)]
+    print(f"| trainer (JAX) | {jax_ms[0]:.0f} | {jax_ms[1]:.0f} |")
+    print(f"| PyTorch | {torch_ms[0]:.0f} | {torch_ms[1]:.0f} |")
+    print(f"| JAX / PyTorch | {jax_ms[0] / torch_ms[0]:.2f}x | {jax_ms[1] / torch_ms[1]:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ batch 128, float32, swats_local:
   median of ``--steps`` steps.
 
 Both use every core of the machine (``torch.set_num_threads(os.cpu_count())``; XLA:CPU's
-default). With ``--xla-flags`` the trainer's side runs again in a subprocess under those
+default). The trainer runs with the XLA:CPU options it sets for itself (``train/xla_cpu.py``);
+``trainer, XLA defaults`` runs it again in a subprocess with ``SWATS_JAX_XLA_DEFAULTS=1``
+(XLA's own defaults), and each ``--xla-flags`` value in a subprocess under exactly those
 XLA_FLAGS, to compare XLA:CPU options in the same run.
 """
 
@@ -32,6 +34,9 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from train import xla_cpu  # noqa: E402  (after the path, before JAX computes anything)
+
 BATCH = 128
 
 
@@ -85,7 +90,7 @@ def pytorch_images_per_s(width: int, steps: int) -> float:
 
 
 def _trainer_under_flags(flags: str, width: int, steps: int) -> float:
-    """``trainer_images_per_s`` in a fresh process whose XLA_FLAGS are ``flags``."""
+    """``trainer_images_per_s`` in a fresh process whose XLA_FLAGS are exactly ``flags``."""
     code = (
         "import json, sys; sys.path.insert(0, 'benchmarks'); import cpu_train_speed as b; "
         f"print(json.dumps(b.trainer_images_per_s({width}, {steps})))"
@@ -93,7 +98,7 @@ def _trainer_under_flags(flags: str, width: int, steps: int) -> float:
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env={**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "XLA_FLAGS": flags, xla_cpu.OPT_OUT: "1", "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         check=True,
@@ -109,6 +114,7 @@ def main() -> None:
         "--xla-flags", action="append", default=[], help="XLA_FLAGS to compare (repeatable)"
     )
     args = parser.parse_args()
+    tuned = " ".join(xla_cpu.tune()) or "none"
 
     import jax
     import torch
@@ -116,9 +122,13 @@ def main() -> None:
     print(
         f"# cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"jax {jax.__version__}, torch {torch.__version__}; ResNet-18, batch {BATCH}, float32, "
-        f"swats_local (trainer) / pytorch-swats SWATS (PyTorch); median of {args.steps} steps"
+        f"swats_local (trainer) / pytorch-swats SWATS (PyTorch); median of {args.steps} steps; "
+        f"trainer's XLA:CPU options: {tuned}"
     )
-    columns = ["trainer"] + [f"trainer, XLA_FLAGS={flags}" for flags in args.xla_flags]
+    variants = ["", *args.xla_flags]  # "": XLA's defaults
+    columns = ["trainer"] + [
+        f"trainer, XLA_FLAGS={flags}" if flags else "trainer, XLA defaults" for flags in variants
+    ]
     print(
         "| width | pytorch images/s | "
         + " | ".join(f"{c} images/s | vs pytorch" for c in columns)
@@ -128,7 +138,7 @@ def main() -> None:
     for width in map(int, args.widths.split(",")):
         reference = pytorch_images_per_s(width, args.steps)
         ours = [trainer_images_per_s(width, args.steps)]
-        ours += [_trainer_under_flags(flags, width, args.steps) for flags in args.xla_flags]
+        ours += [_trainer_under_flags(flags, width, args.steps) for flags in variants]
         cells = " | ".join(f"{rate:,.1f} | {rate / reference:.2f}x" for rate in ours)
         print(f"| {width} | {reference:,.1f} | {cells} |", flush=True)
 

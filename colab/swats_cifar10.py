@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -94,13 +94,15 @@ import jax
 from IPython.display import Image, Markdown, display
 
 from train import data as data_lib
-from train import plots, results
+from train import plots, results, xla_cpu
 from train.config import Config
 from train.trainer import train_and_evaluate
 
 # The trainer's one line per epoch; other libraries' logs stay at warnings.
 logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
 logging.getLogger("train").setLevel(logging.INFO)
+# The XLA:CPU options python -m train.cifar sets (a faster CPU step), before JAX starts.
+xla_cpu.tune()
 print(f"JAX {jax.__version__}, devices: {jax.devices()}")
 if jax.default_backend() == "cpu":
     print("No GPU found: training runs on the CPU, far too slowly for full runs (on Colab:")

@@ -1,4 +1,5 @@
-"""Shared test configuration and fixtures: strict JAX numerics, a compilation cache, x64.
+"""Shared test configuration and fixtures: strict JAX numerics, a compilation cache, x64,
+and the trainer's XLA:CPU options for the whole session.
 
 Helpers that tests import live in ``helpers.py``, not here.
 """
@@ -9,9 +10,15 @@ import tempfile
 import jax
 import pytest
 
+from train import xla_cpu
+
 # tests/multidevice needs four host devices, fixed when JAX starts: test_multidevice.py runs
 # it in a process of its own, which sets this variable.
 collect_ignore = [] if os.environ.get("SWATS_JAX_MULTIDEVICE") else ["multidevice"]
+
+# The XLA:CPU options python -m train.cifar sets (train/xla_cpu.py), set before JAX's first
+# computation, so that every test runs the kernels users get, whichever test comes first.
+xla_cpu.tune()
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Trainer tests build the same tiny programs in several runs (e.g. a run and its resumed

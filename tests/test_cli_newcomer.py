@@ -265,9 +265,12 @@ def test_a_max_train_loss_below_the_loss_stops_a_normal_run_with_exit_3(tmp_path
 def test_no_gap_is_reported_as_0_where_no_test_compared(tmp_path, caplog):
     # With the guard off (--max-train-loss=0) the diverging run trains its epoch. Its
     # switch tests after the first step are skipped, so that the last test of most arrays
-    # is the first step's, which compares gamma with itself.
+    # is the first step's, which compares gamma with itself. The loss must stay finite over
+    # the 4 steps: at lr 1e9 it becomes NaN by step 3 or not depending on the rounding of
+    # the convolution kernels (XLA:CPU's Eigen ones, train/xla_cpu.py, or its YNNPACK ones);
+    # at 3e8 it stays finite with either.
     caplog.set_level(logging.INFO, logger="train")
-    argv = [*TINY, "--lr=1e9", "--max-train-loss=0", "--epochs=1"]
+    argv = [*TINY, "--lr=3e8", "--max-train-loss=0", "--epochs=1"]
     assert cifar.main([*argv, f"--workdir={tmp_path / 'run'}"]) == 0
     with (tmp_path / "run" / "rates.csv").open() as file:
         rows = list(csv.DictReader(file))

@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("train").setLevel(logging.INFO)
+    from train import xla_cpu  # before JAX creates its backends, which read XLA_FLAGS
+
+    xla_cpu.tune()
     if args.distributed or args.coordinator is not None:
         try:
             index = _start_distributed(args)

@@ -45,7 +45,7 @@ import swats_jax
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
-from train import models
+from train import models, xla_cpu
 from train.checkpoint import Checkpointer
 from train.config import MAY_CHANGE_ON_RESUME, Config, OptimizerSetup, make_optimizer
 from train.messages import describe_error as describe_error  # re-exported for train.cifar
@@ -492,6 +492,7 @@ def train_and_evaluate(
       OSError: a file of the run cannot be written (a full disk, say).
       TrainingInterrupted: Ctrl-C; the run stopped at a step boundary.
     """
+    xla_cpu.tune()  # a no-op once JAX has computed something in this process
     workdir = Path(workdir)
     created = _prepare_workdir(workdir)
     try:
