@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY
 
 from train import xla_cpu
 
@@ -128,3 +129,20 @@ def test_the_installed_xla_takes_the_options_and_computes_the_same():
     np.testing.assert_allclose(tuned["value"], default["value"], rtol=1e-5)
     for name in ("dx", "dw"):
         np.testing.assert_allclose(tuned[name], default[name], rtol=1e-4, atol=1e-5)
+
+
+def test_the_command_line_sets_the_options_before_jax_starts(tmp_path):
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT)}
+    argv = [*TINY, "--epochs=1", "--max-steps=1", f"--workdir={tmp_path / 'run'}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "train.cifar", *argv],
+        cwd=ROOT,
+        env={**environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    low, high = xla_cpu.MEASURED_JAXLIB
+    said = f"XLA:CPU options for a faster step: {FLAG} (SWATS_JAX_XLA_DEFAULTS=1 keeps XLA's)"
+    assert (said in result.stderr) == (low <= xla_cpu._jaxlib_version() < high)
