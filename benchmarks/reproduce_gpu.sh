@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The published ResNet-18 comparison on one lent GPU, in one go: each optimizer's 200-epoch
-# reference recipe (python -m train.cifar, README "Reproducing the published comparison") runs
+# reference recipe (python -m train.cifar, docs/reproducing.md) runs
 # as its own process, all at once, each with a share of the GPU's memory.
 #
 #   OUT=... bash benchmarks/reproduce_gpu.sh [--opts swats_local,swats_global,adabound]

@@ -71,7 +71,7 @@ class SwatsState(NamedTuple):
       nu_max: running maximum of ``nu`` when ``amsgrad=True``, else ``None``.
       per_leaf: the per-leaf scalars as vectors (:class:`PerLeaf`).
 
-    Per-leaf views (properties):
+    Properties:
       lam: exponential moving average of the projected SGD rate (float32; float64 for
         float64 leaves).
       sgd_lr: adopted SGD rate, before ``sgd_scale`` (0 until the switch).

@@ -19,7 +19,7 @@ import typing
 
 from train import config as config_lib
 
-# Exit statuses (README, "Exit codes").
+# Exit statuses (docs/training.md, "Progress, interrupts and exit codes").
 EXIT_ERROR = 2  # bad flags or input: data, workdir, configuration, checkpoints, disk
 EXIT_NON_FINITE = 3  # the training loss became NaN or infinite
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
