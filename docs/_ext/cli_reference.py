@@ -57,11 +57,8 @@ def reference_markdown() -> str:
             continue
         title = "general" if group.title == "options" else group.title
         rows = [f"| {_flag(a)} | {_default(a)} | {_help(a)} |" for a in actions]
-        parts.append(
-            "\n".join([f"## {title.capitalize()}", "", "| option | default | |", "|---|---|---|"])
-            + "\n"
-            + "\n".join(rows)
-        )
+        header = [f"## {title.capitalize()}", "", "| option | default | meaning |", "|---|---|---|"]
+        parts.append("\n".join(header + rows))
     return "\n\n".join(parts)
 
 
