@@ -7,7 +7,7 @@ before the first computation (``python -m train.cifar`` calls it first thing, an
 What is set, and why (measured in docs/benchmarks.md, "The training step on CPU against
 PyTorch"): ``--xla_cpu_experimental_ynn_fusion_type=`` (an empty list) turns off XLA:CPU's
 YNNPACK convolutions, so that convolutions and their gradients run on XLA's Eigen kernels,
-which do the ResNet-18 training step 1.17-1.33x faster on the 2-core x86 development CPU at
+which do the ResNet-18 training step 1.08-1.33x faster on the 2-core x86 development CPU at
 widths 8 to 64. The option only concerns XLA:CPU: a GPU or TPU step is compiled as before.
 
 The options are left alone when
