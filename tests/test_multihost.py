@@ -8,8 +8,6 @@ bit-exactly.
 """
 
 import contextlib
-import csv
-import json
 import os
 import shutil
 import socket
@@ -22,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from train import metrics as metrics_lib
 from train.checkpoint import Checkpointer
 from train.config import Config, make_optimizer
 from train.trainer import init_model
@@ -108,21 +107,6 @@ def _moves(workdir: Path, **config) -> list[np.ndarray]:
     return [np.asarray(a) - b for a, b in zip(*map(jax.tree.leaves, (state["params"], params)))]
 
 
-def _switches(workdir: Path) -> list[tuple[str, str, float]]:
-    rows = (workdir / "switches.csv").read_text().splitlines()[1:]
-    return [(layer, step, float(rate)) for layer, step, rate in (r.split(",") for r in rows)]
-
-
-def _metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _rates(workdir: Path) -> dict[tuple[int, str], dict[str, str]]:
-    """rates.csv by (epoch, layer): each layer's last switch test of each epoch."""
-    with (workdir / "rates.csv").open() as file:
-        return {(int(row["epoch"]), row["layer"]): row for row in csv.DictReader(file)}
-
-
 SWITCH_TOL = 1e-5  # the reference recipe's, which the trainer uses
 STEPS_PER_EPOCH = 2  # 64 training images, batch 32
 
@@ -134,7 +118,7 @@ def _assert_same_training(two: Path, one: Path) -> None:
     (measured on these runs: train losses within 2e-7 after the first epoch's two steps,
     9e-6 after four; test losses equal). A process that trained on its own half of the
     batch would be off by percents from the first step."""
-    for a, b in zip(_metrics(two), _metrics(one), strict=True):
+    for a, b in zip(*map(metrics_lib.read_metrics, (two, one)), strict=True):
         assert a["step"] == b["step"]
         for key in ("train_loss", "test_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5 if a["epoch"] == 1 else 1e-4), key
@@ -151,20 +135,25 @@ def _assert_same_switches(two: Path, one: Path) -> None:
     switch at an epoch's last step (where rates.csv records the test) whose gap in the other
     run was within 3x the tolerance."""
     switches = [
-        {(layer, int(step)): rate for layer, step, rate in _switches(run)} for run in (two, one)
+        {(layer, step): rate for layer, step, rate in metrics_lib.read_switch_table(run)}
+        for run in (two, one)
     ]
     for key in switches[0].keys() & switches[1].keys():
         assert switches[0][key] == pytest.approx(switches[1][key], rel=2e-3), key
-    rates = [_rates(run) for run in (two, one)]
+    # rates.csv by (epoch, layer): each layer's last switch test of each epoch.
+    rates = [
+        {(epoch, layer): (phase, gap) for epoch, layer, phase, _, _, gap, _ in rows}
+        for rows in map(metrics_lib.read_rates, (two, one))
+    ]
     for this, other in ((0, 1), (1, 0)):
         for layer, step in switches[this].keys() - switches[other].keys():
             epoch, within = divmod(step, STEPS_PER_EPOCH)
             assert within == 0, f"{layer} switched at step {step} in one run only"
-            row = rates[other][(epoch, layer)]
-            assert row["phase"] == "adam", (layer, step, row)
-            assert float(row["absolute_gap"]) < 3 * SWITCH_TOL, (
+            phase, gap = rates[other][(epoch, layer)]
+            assert phase == "adam", (layer, step, phase)
+            assert gap < 3 * SWITCH_TOL, (
                 f"{layer} switched at step {step} in one run only, and was no tie in the "
-                f"other: gap {row['absolute_gap']}"
+                f"other: gap {gap}"
             )
 
 
@@ -185,7 +174,8 @@ def test_two_process_swats_local_trains_like_one_process_and_resumes_bit_exactly
     _two_processes(two, cache, *flags)
     _one_process(one, cache, *flags)
     _assert_same_training(two, one)
-    assert _switches(two) != []  # a layer switched (at step 2): the comparison compared
+    # A layer switched (at step 2): the comparison compared.
+    assert metrics_lib.read_switch_table(two) != []
 
     # As if the run had stopped after epoch 1: the same command resumes from its checkpoint
     # and must reach the very same epoch 2.
