@@ -45,6 +45,12 @@ def _jaxlib_version() -> tuple[int, ...]:
     return tuple(parts)
 
 
+def measured_jaxlib() -> bool:
+    """Whether the installed jaxlib is one the options were measured on."""
+    low, high = MEASURED_JAXLIB
+    return low <= _jaxlib_version() < high
+
+
 def _backends_exist() -> bool:
     try:
         from jax._src import xla_bridge
@@ -66,9 +72,8 @@ def tune(environ: MutableMapping[str, str] | None = None) -> list[str]:
     environ = os.environ if environ is None else environ
     if environ.get(OPT_OUT) == "1":
         return []
-    version = _jaxlib_version()
-    low, high = MEASURED_JAXLIB
-    if not low <= version < high:
+    if not measured_jaxlib():
+        version = _jaxlib_version()
         logger.debug("XLA:CPU options not measured on jaxlib %s; XLA's defaults kept", version)
         return []
     current = environ.get("XLA_FLAGS", "")
