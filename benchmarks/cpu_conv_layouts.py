@@ -17,13 +17,10 @@ the model is written here, so that the layout can change without touching the tr
 """
 
 import argparse
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import cpu_train_speed  # beside this script
+
 BATCH = 128
 LAYOUTS = {"NHWC/HWIO": ("NHWC", "HWIO", "NHWC"), "NCHW/OIHW": ("NCHW", "OIHW", "NCHW")}
 
@@ -114,13 +111,8 @@ def _in_a_fresh_process(layout: str, width: int, repeats: int, defaults: bool) -
         f"print(json.dumps(b.step_ms({layout!r}, {width}, {repeats})))"
     )
     environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    environ.update(PYTHONPATH=str(ROOT), SWATS_JAX_XLA_DEFAULTS="1" if defaults else "0")
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True
-    )
-    if result.returncode:
-        raise SystemExit(result.stderr[-2000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    environ["SWATS_JAX_XLA_DEFAULTS"] = "1" if defaults else "0"
+    return cpu_train_speed.json_from_a_fresh_process(code, environ)
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ import contextlib
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from train import xla_cpu
 
 xla_cpu.tune()  # before JAX computes anything: the trainer's own XLA:CPU options
 
+import cpu_train_speed  # noqa: E402  (beside this script)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,8 +43,6 @@ from train import data as data_lib  # noqa: E402
 from train import models  # noqa: E402
 from train.config import Config  # noqa: E402
 from train.trainer import init_model  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 BATCH = 128
 
@@ -81,32 +79,6 @@ def _gradient(config: Config, without_batchnorm: bool = False):
         return optax.softmax_cross_entropy_with_integer_labels(net(images), labels).mean()
 
     return jax.jit(loss_fn), jax.jit(jax.value_and_grad(loss_fn)), (params, stats, images)
-
-
-def _pytorch_ms(width: int, without_batchnorm: bool) -> float:
-    """Forward and backward of the PyTorch ResNet-18, median ms of 4 after 2 warm-ups."""
-    import torch
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from torch_models import TorchResNet18
-
-    torch.set_num_threads(os.cpu_count())
-    torch.manual_seed(0)
-    net = TorchResNet18(width)
-    if without_batchnorm:
-        for parent in list(net.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.BatchNorm2d):
-                    setattr(parent, name, torch.nn.Identity())
-    images, labels = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
-    times = []
-    for step in range(6):
-        start = time.perf_counter()
-        net.zero_grad()
-        torch.nn.functional.cross_entropy(net(images), labels).backward()
-        if step >= 2:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
@@ -159,7 +131,10 @@ def main() -> None:
     for without in (False, True):
         _, gradient, arguments = _gradient(config, without)
         jax_ms.append(_median_ms(gradient, *arguments, repeats=4))
-    torch_ms = [_pytorch_ms(args.width, without) for without in (False, True)]
+    torch_ms = [
+        1000 * cpu_train_speed.pytorch_step_s(args.width, 4, optimizer=False, without_batchnorm=b)
+        for b in (False, True)
+    ]
     print(f"| trainer (JAX) | {jax_ms[0]:.0f} | {jax_ms[1]:.0f} |")
     print(f"| PyTorch | {torch_ms[0]:.0f} | {torch_ms[1]:.0f} |")
     print(f"| JAX / PyTorch | {jax_ms[0] / torch_ms[0]:.2f}x | {jax_ms[1] / torch_ms[1]:.2f}x |")

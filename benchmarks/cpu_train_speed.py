@@ -32,6 +32,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,8 +61,13 @@ def trainer_images_per_s(width: int, steps: int) -> float:
     return records[-1]["images_per_s"]
 
 
-def pytorch_images_per_s(width: int, steps: int) -> float:
-    """PyTorch's steady-state images/s for the same model, batch and optimizer."""
+def pytorch_step_s(
+    width: int, steps: int, *, optimizer: bool = True, without_batchnorm: bool = False
+) -> float:
+    """The median time in seconds of ``steps`` PyTorch ResNet-18 steps at ``width``, after
+    two warm-ups, on every core: forward and backward on a fixed random batch and, with
+    ``optimizer``, a step of ``pytorch-swats``'s SWATS; ``without_batchnorm`` replaces every
+    BatchNorm with an identity."""
     import swats
     import torch
 
@@ -74,19 +80,44 @@ def pytorch_images_per_s(width: int, steps: int) -> float:
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     net = TorchResNet18(width)
-    optimizer = swats.SWATS(net.parameters(), lr=1e-3)
+    if without_batchnorm:
+        for parent in list(net.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.BatchNorm2d):
+                    setattr(parent, name, torch.nn.Identity())
+    swats_step = swats.SWATS(net.parameters(), lr=1e-3) if optimizer else None
     images = torch.randn(BATCH, 3, 32, 32)
     labels = torch.randint(0, 10, (BATCH,))
     times = []
     for step in range(steps + 2):
         start = time.perf_counter()
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(images), labels)
-        loss.backward()
-        optimizer.step()
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(images), labels).backward()
+        if swats_step is not None:
+            swats_step.step()
         if step >= 2:
             times.append(time.perf_counter() - start)
-    return BATCH / statistics.median(times)
+    return statistics.median(times)
+
+
+def pytorch_images_per_s(width: int, steps: int) -> float:
+    """PyTorch's steady-state images/s for the same model, batch and optimizer."""
+    return BATCH / pytorch_step_s(width, steps)
+
+
+def json_from_a_fresh_process(code: str, environ: dict[str, str]) -> Any:
+    """What Python ``code``, run in a fresh process from the repository's root with
+    ``environ`` (and the repository on PYTHONPATH), printed as JSON on its last line."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode:
+        raise SystemExit(result.stderr[-2000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _trainer_under_flags(flags: str, width: int, steps: int) -> float:
@@ -95,15 +126,7 @@ def _trainer_under_flags(flags: str, width: int, steps: int) -> float:
         "import json, sys; sys.path.insert(0, 'benchmarks'); import cpu_train_speed as b; "
         f"print(json.dumps(b.trainer_images_per_s({width}, {steps})))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**os.environ, "XLA_FLAGS": flags, xla_cpu.OPT_OUT: "1", "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json_from_a_fresh_process(code, {**os.environ, "XLA_FLAGS": flags, xla_cpu.OPT_OUT: "1"})
 
 
 def main() -> None:
